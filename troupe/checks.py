@@ -1,0 +1,165 @@
+"""Automatic role-play checks on one reply: the cheap signals of DOMAIN.md.
+
+One implementation used by validation (data features), evaluation (metrics), DPO pair building
+(is a sampled reply rule-breaking?) and serving (live reply-quality signals per variant).
+
+Language id: py3langid (Lui & Baldwin 2012, langid.py), restricted to the reply text without markup.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+import py3langid
+
+from troupe.markup import parse_reply
+
+#: Phrases no real person in character says (DOMAIN.md blacklist; zh + en). Case-insensitive.
+ASSISTANT_PHRASES: tuple[str, ...] = (
+    "as an ai",
+    "as a language model",
+    "as an assistant",
+    "i am an ai",
+    "i'm an ai",
+    "i am a language model",
+    "i'm just an ai",
+    "i cannot assist",
+    "i can't assist with",
+    "how can i assist you",
+    "how can i help you today",
+    "作为一个ai",
+    "作为一个人工智能",
+    "作为ai",
+    "作为人工智能",
+    "我是一个ai",
+    "我是一个人工智能",
+    "我是人工智能",
+    "作为一个语言模型",
+    "作为语言模型",
+    "我无法提供",
+    "有什么可以帮您",
+    "有什么可以帮你的",
+    "因人而异",
+)
+
+_STAGE = re.compile(r"\*[^*\n]{1,80}\*|（[^）\n]{1,80}）|\([^)\n]{1,80}\)|【[^】\n]{1,80}】")
+_CJK = re.compile(r"[\u3400-\u9fff]")
+_WORD = re.compile(r"[A-Za-z']+")
+_LANGID_MIN_CHARS = 4
+
+
+def detect_language(text: str) -> str | None:
+    """ISO 639-1 code of ``text`` by py3langid, or None when too short to tell (< 4 letters).
+
+    Any CJK ideograph-dominant text is reported as ``zh`` (py3langid confuses short zh with ja).
+    """
+    letters = [ch for ch in text if ch.isalpha()]
+    if len(letters) < _LANGID_MIN_CHARS:
+        return None
+    cjk = sum(1 for ch in letters if _CJK.match(ch))
+    if cjk / len(letters) > 0.5:
+        return "zh"
+    return py3langid.classify(text)[0]
+
+
+def reply_length(text: str, language: str) -> int:
+    """Length in the unit of rule 7: CJK characters for zh, words otherwise."""
+    if language == "zh":
+        return sum(1 for ch in text if not ch.isspace())
+    return len(_WORD.findall(text))
+
+
+def has_assistant_phrase(text: str) -> str | None:
+    """The first blacklisted assistant phrase found in ``text`` (case-insensitive), else None."""
+    low = text.lower()
+    for p in ASSISTANT_PHRASES:
+        if p in low:
+            return p
+    return None
+
+
+def has_name_prefix(text: str, name: str) -> bool:
+    """True if the reply starts with ``"Name:"`` / ``"Name："`` (rule 1)."""
+    t = text.lstrip()
+    return any(t.startswith(f"{name}{sep}") for sep in (":", "：", " :"))
+
+
+def has_stage_direction(text: str) -> bool:
+    """True if the reply narrates actions: ``*...*``, ``（...）``, ``(...)``, ``【...】`` (rule 8)."""
+    return bool(_STAGE.search(text))
+
+
+@dataclass
+class ReplyCheck:
+    """Outcome of :func:`check_reply`; ``violations`` lists the rules broken (empty = clean)."""
+
+    language: str | None
+    language_ok: bool
+    markup_valid: bool
+    assistant_phrase: str | None
+    name_prefix: bool
+    stage_direction: bool
+    length: int
+    length_ok: bool
+    violations: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_reply(
+    reply: str,
+    *,
+    character_name: str,
+    language: str,
+    max_length: int = 50,
+    image_max_length: int = 80,
+) -> ReplyCheck:
+    """Run every automatic rule on one reply.
+
+    Args:
+        reply: the raw reply (markup allowed).
+        character_name: the persona card's ``name`` (for the "Name:" prefix rule).
+        language: the character's configured language (BCP-47 primary subtag).
+        max_length: rule 7 limit (characters for zh, words otherwise); ``image_max_length`` when the
+            reply carries an image tag.
+
+    Returns:
+        A :class:`ReplyCheck`. Language is ``ok`` when undetectable (too short to tell).
+    """
+    parsed = parse_reply(reply)
+    text = parsed.text
+    lang = detect_language(text)
+    lang_ok = lang is None or lang == language
+    limit = image_max_length if parsed.images else max_length
+    n = reply_length(text, language)
+    phrase = has_assistant_phrase(text)
+    prefix = has_name_prefix(text, character_name)
+    stage = has_stage_direction(text)
+    v = []
+    if not lang_ok:
+        v.append(f"language {lang} != {language}")
+    if not parsed.valid:
+        v.append("markup: " + "; ".join(parsed.errors))
+    if phrase:
+        v.append(f"assistant phrase {phrase!r}")
+    if prefix:
+        v.append("name prefix")
+    if stage:
+        v.append("stage direction")
+    if n > limit:
+        v.append(f"length {n} > {limit}")
+    if not text.strip():
+        v.append("empty reply")
+    return ReplyCheck(
+        language=lang,
+        language_ok=lang_ok,
+        markup_valid=parsed.valid,
+        assistant_phrase=phrase,
+        name_prefix=prefix,
+        stage_direction=stage,
+        length=n,
+        length_ok=n <= limit,
+        violations=v,
+    )

@@ -1,0 +1,69 @@
+"""params.yaml loading with ``--set a.b=c`` overrides: the one configuration entry point.
+
+Every step reads the same params file that ``dvc.yaml`` tracks; KFP components pass artifact paths
+as overrides (``--set paths.validated=/tmp/outputs/...``). Values given by ``--set`` are parsed as
+YAML scalars (``--set sft.max_steps=3`` gives an int).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the file or key."""
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load ``path`` (YAML mapping) and apply ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: missing file, non-mapping YAML, or an override without ``=``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found (pass --params PATH)")
+    try:
+        params = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(params, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return apply_overrides(params, overrides)
+
+
+def apply_overrides(params: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of ``params`` with each ``a.b.c=value`` override applied (YAML-typed value)."""
+    out = copy.deepcopy(params)
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected KEY=VALUE, e.g. sft.max_steps=3")
+        key, raw = ov.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for k in parts[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """``params[name]`` as a dict, or a ConfigError naming the missing section."""
+    v = params.get(name)
+    if not isinstance(v, dict):
+        raise ConfigError(f"params: missing section {name!r}")
+    return v
+
+
+def path_of(params: dict[str, Any], key: str) -> Path:
+    """``params['paths'][key]`` as a Path (ConfigError naming ``paths.<key>`` when absent)."""
+    paths = section(params, "paths")
+    if key not in paths:
+        raise ConfigError(f"params: missing paths.{key}")
+    return Path(paths[key])

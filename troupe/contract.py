@@ -1,0 +1,216 @@
+"""The data contract: the one place Troupe's record formats are defined.
+
+Every importer writes these records, every step reads them. Files are JSON Lines (one record per
+line, UTF-8). A directory of contract data holds ``characters.jsonl`` (persona cards) and
+``dialogues.jsonl``; preference pairs live in ``pairs.jsonl``.
+
+Errors: :func:`read_jsonl` raises :class:`ContractError` naming ``file:line`` for the first bad line
+unless a ``quarantine`` callback is given, in which case bad lines are handed to it and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Role = Literal["system", "user", "assistant"]
+
+
+class ContractError(ValueError):
+    """A contract file or record that cannot be read; the message names file, line and field."""
+
+
+class Character(BaseModel):
+    """A persona card: who the model plays.
+
+    Fields:
+        id: stable identifier used by dialogues and the serving API (``[A-Za-z0-9_.:-]+`` recommended).
+        name: display name, e.g. ``"林黛玉"`` or ``"Elon Musk"``.
+        language: BCP-47 primary language tag the character always replies in (``zh``, ``en``...).
+        profile: facts about the character (key -> text), rendered as "character information".
+        style: how the character talks (free text).
+        examples: speaking examples (lines the character would say).
+        scene: optional story/scene the conversation happens in.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    language: str = Field(min_length=2)
+    profile: dict[str, str] = Field(default_factory=dict)
+    style: str = ""
+    examples: list[str] = Field(default_factory=list)
+    scene: str = ""
+
+    @field_validator("language")
+    @classmethod
+    def _primary_subtag(cls, v: str) -> str:
+        return v.split("-")[0].lower()
+
+
+class Message(BaseModel):
+    """One chat turn. ``name`` carries the speaker for multi-party scripts (CharacterEval)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+    name: str | None = None
+
+
+class Dialogue(BaseModel):
+    """A multi-turn conversation with one character; assistant turns are the character's lines.
+
+    ``messages`` must not contain the persona card: the system prompt is rendered from the
+    :class:`Character` by :func:`troupe.persona.render_system_prompt` at train, eval and serve time.
+    A leading ``system`` message is kept as an extra scene/behaviour instruction appended to the card.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    character_id: str = Field(min_length=1)
+    messages: list[Message]
+    source: str = ""
+    split: str = ""
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class PreferencePair(BaseModel):
+    """A DPO preference pair: ``messages`` is the context ending in a user turn.
+
+    ``chosen`` is the in-character reference reply; ``rejected`` a rule-breaking or off-character one
+    (see DPO, Rafailov et al. 2023, arXiv:2305.18290).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    character_id: str
+    messages: list[Message]
+    chosen: str
+    rejected: str
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
+class QuarantineRecord(BaseModel):
+    """A record that was not accepted: where it came from, why, and the raw record itself."""
+
+    file: str
+    line: int | None = None
+    stage: str
+    reason: str
+    record_id: str | None = None
+    raw: Any = None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for non-blank lines of a UTF-8 file (1-based line numbers).
+
+    Raises:
+        ContractError: the file is missing or not valid UTF-8 (names the file and byte offset).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ContractError(f"{p}: file not found")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ContractError(f"{p}: not UTF-8 (byte {e.start}: {e.reason})") from e
+    for i, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            yield i, line
+
+
+def read_jsonl(
+    path: str | Path,
+    model: type[M],
+    quarantine: Callable[[QuarantineRecord], None] | None = None,
+) -> list[M]:
+    """Read a JSONL file of ``model`` records.
+
+    Args:
+        path: file to read.
+        model: pydantic model class for each line.
+        quarantine: if given, bad lines are passed to it (stage ``read``) instead of raising.
+
+    Raises:
+        ContractError: missing/non-UTF-8 file, or a bad line when no ``quarantine`` is given.
+    """
+    out: list[M] = []
+    for lineno, line in iter_jsonl(path):
+        try:
+            out.append(model.model_validate(json.loads(line)))
+        except (json.JSONDecodeError, ValidationError) as e:
+            reason = describe_error(e)
+            if quarantine is None:
+                raise ContractError(f"{path}:{lineno}: {reason}") from e
+            quarantine(QuarantineRecord(file=str(path), line=lineno, stage="read", reason=reason, raw=line))
+    return out
+
+
+def describe_error(e: Exception) -> str:
+    """One-line reason for a JSON or pydantic error, naming the field path for the latter."""
+    if isinstance(e, ValidationError):
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<record>"
+            parts.append(f"field {loc}: {err['msg']}")
+        return "; ".join(parts)
+    if isinstance(e, json.JSONDecodeError):
+        return f"malformed JSON: {e.msg} (column {e.colno})"
+    return str(e)
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
+    """Write records as UTF-8 JSON Lines (non-ASCII kept readable); returns the count written."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with p.open("w", encoding="utf-8") as f:
+        for r in records:
+            d = r.model_dump(mode="json", exclude_none=True) if isinstance(r, BaseModel) else r
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def load_characters(path: str | Path) -> dict[str, Character]:
+    """Read ``characters.jsonl`` into ``{id: Character}``; duplicate ids are an error."""
+    chars: dict[str, Character] = {}
+    for c in read_jsonl(path, Character):
+        if c.id in chars:
+            raise ContractError(f"{path}: duplicate character id {c.id!r}")
+        chars[c.id] = c
+    return chars
+
+
+def to_chat(
+    dialogue_messages: list[Message], system_prompt: str
+) -> list[dict[str, str]]:
+    """Chat-template messages: the rendered persona card as system + user/assistant turns.
+
+    A leading ``system`` message of the dialogue is appended to the card (scene instruction);
+    ``name`` of user turns from multi-party scripts is prefixed as ``"Name: text"`` on the *user*
+    side only (the character's own turns never carry a name prefix, rule 1 of DOMAIN.md).
+    """
+    msgs = list(dialogue_messages)
+    system = system_prompt
+    if msgs and msgs[0].role == "system":
+        system = f"{system_prompt}\n\n{msgs[0].content}".strip()
+        msgs = msgs[1:]
+    out = [{"role": "system", "content": system}]
+    for m in msgs:
+        content = m.content
+        if m.role == "user" and m.name:
+            content = f"{m.name}: {content}"
+        out.append({"role": m.role, "content": content})
+    return out

@@ -53,10 +53,21 @@ def step_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
     from troupe.config import load_params
 
-    @click.option("--params", "params_path", default="params.yaml", show_default=True,
-                  type=click.Path(dir_okay=False), help="params.yaml to read")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                  help="override a params entry, e.g. --set sft.max_steps=3 (repeatable)")
+    @click.option(
+        "--params",
+        "params_path",
+        default="params.yaml",
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="params.yaml to read",
+    )
+    @click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="override a params entry, e.g. --set sft.max_steps=3 (repeatable)",
+    )
     @functools.wraps(f)
     def wrapper(params_path: str, overrides: tuple[str, ...], **kw: Any) -> Any:
         return f(params=load_params(params_path, overrides), **kw)

@@ -18,7 +18,9 @@ class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the file or key."""
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+def load_params(
+    path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Load ``path`` (YAML mapping) and apply ``key.sub=value`` overrides.
 
     Raises:

@@ -193,9 +193,7 @@ def load_characters(path: str | Path) -> dict[str, Character]:
     return chars
 
 
-def to_chat(
-    dialogue_messages: list[Message], system_prompt: str
-) -> list[dict[str, str]]:
+def to_chat(dialogue_messages: list[Message], system_prompt: str) -> list[dict[str, str]]:
     """Chat-template messages: the rendered persona card as system + user/assistant turns.
 
     A leading ``system`` message of the dialogue is appended to the card (scene instruction);

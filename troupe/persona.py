@@ -21,7 +21,7 @@ _RULES = {
         "始终用中文回复，无论用户用什么语言。",
     ],
     "en": [
-        "Always speak as {name}; never start a reply with \"{name}:\".",
+        'Always speak as {name}; never start a reply with "{name}:".',
         "Only know what {name} would know.",
         "Drive the conversation: keep topics going, ask questions, never say goodbye or refuse to go on.",
         "Keep replies short, colloquial and vivid: at most {max_chars} words.",
@@ -32,8 +32,14 @@ _RULES = {
 }
 _HEADINGS = {
     "zh": ("角色信息", "说话风格", "故事场景", "说话示例", "基本规则", "你现在扮演{name}。"),
-    "en": ("Character information", "Speaking style", "Scene", "Speaking examples", "Basic rules",
-           "You are now playing {name}."),
+    "en": (
+        "Character information",
+        "Speaking style",
+        "Scene",
+        "Speaking examples",
+        "Basic rules",
+        "You are now playing {name}.",
+    ),
 }
 #: Length limit used in the rules: characters for zh, words otherwise (DOMAIN.md rule 7).
 MAX_REPLY_UNITS = {"zh": 50, "en": 50}
@@ -65,6 +71,8 @@ def render_system_prompt(character: Character, language_name: str | None = None)
         parts.append(f"## {h_ex}\n" + "\n".join(f"- {e}" for e in character.examples))
     rules = [r.format(name=character.name, max_chars=MAX_REPLY_UNITS[lang]) for r in _RULES[lang]]
     if lang == "en" and character.language != "en":
-        rules[-1] = f"Always reply in {language_name or character.language}, whatever language the user writes in."
+        rules[-1] = (
+            f"Always reply in {language_name or character.language}, whatever language the user writes in."
+        )
     parts.append(f"## {h_rules}\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(rules, 1)))
     return "\n\n".join(parts)

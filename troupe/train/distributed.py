@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -211,3 +212,105 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
         ),
     )
     return trainer.fit()
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Per-worker loop for SFT and DPO (runs inside a Ray Train worker).
+
+    ``cfg["method"]`` picks the builder (``troupe.train.sft.make_trainer_args`` or the DPO one), which
+    returns ``(TRL config, TRL trainer class, dataset)``. TrainingArguments with a ZeRO-3 config are
+    created before ``from_pretrained`` so weights load partitioned. Every rank joins the ZeRO-3
+    weight gather in ``save_model``; rank 0 writes the tokenizer and ``train_log.json``.
+    """
+    import importlib
+
+    import ray.train
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_callback import PrinterCallback
+
+    rank = ray.train.get_context().get_world_rank()
+    join_deepspeed(cfg["train"])
+    mod = importlib.import_module(f"troupe.train.{cfg['method']}")
+    args, trainer_cls = mod.make_trainer_args(cfg, training_args_common(cfg["train"]))
+    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_model"])
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(cfg["examples"]),
+        processing_class=tok,
+        callbacks=[
+            make_progress_callback(
+                cfg["method"], args.max_steps, cfg.get("mlflow_run_id"), cfg.get("tracking_uri")
+            )
+        ],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
+    result = trainer.train()
+    trainer.save_model(cfg["out_dir"])
+    if rank == 0:
+        tok.save_pretrained(cfg["out_dir"])
+        hist = [h for h in trainer.state.log_history if "loss" in h]
+        Path(cfg["out_dir"], "train_log.json").write_text(
+            json.dumps(
+                {
+                    "log_history": hist,
+                    "train_runtime_s": result.metrics.get("train_runtime"),
+                    "tokens_seen": trainer.state.num_input_tokens_seen,
+                    "global_step": trainer.state.global_step,
+                },
+                indent=1,
+            )
+        )
+    ray.train.report(
+        {"loss": float(result.training_loss), "tokens_seen": int(trainer.state.num_input_tokens_seen)}
+    )
+
+
+def run_training_step(
+    params: dict[str, Any],
+    method: str,
+    examples: list[dict[str, Any]],
+    base_model: Path,
+    out: Path,
+    extra_metrics: dict[str, float],
+) -> Path:
+    """Driver side of SFT/DPO: MLflow child run ``method``, Ray Train fit, loss plot + log artifacts.
+
+    Returns ``out`` (the trained HF checkpoint dir with ``train_log.json``, ``loss.png``, ``loss.csv``).
+    """
+    import mlflow
+
+    from troupe.tracking import step_run, tracking_uri
+    from troupe.train.plots import plot_loss
+
+    train = params["train"]
+    out.mkdir(parents=True, exist_ok=True)
+    with step_run(params, method, (method, "train", "data", "model")) as run:
+        mlflow.log_metrics(extra_metrics)
+        cfg = dict(
+            method=method,
+            hp=params[method],
+            train=train,
+            cutoff_len=int(params["data"]["cutoff_len"]),
+            base_model=str(base_model.resolve()),
+            out_dir=str(out),
+            scratch=str(out.parent / f".scratch-{method}"),
+            examples=examples,
+            mlflow_run_id=run.info.run_id,
+            tracking_uri=tracking_uri(),
+        )
+        t0 = time.time()
+        run_on_ray(
+            train_loop,
+            cfg,
+            train,
+            name=f"{method}-{run.info.run_id[:8]}",
+            storage=out.parent / ".ray-results",
+        )
+        mlflow.log_metric("wall_s", time.time() - t0)
+        log = json.loads((out / "train_log.json").read_text())
+        mlflow.log_artifact(str(plot_loss(log["log_history"], out / "loss.png", method.upper())))
+        mlflow.log_artifact(str(out / "train_log.json"))
+    return out

@@ -8,12 +8,10 @@ decreasing packing, padding-free (no pad tokens in a batch).
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
-from troupe.config import path_of, section
+from troupe.config import ConfigError, path_of, section
 from troupe.contract import Dialogue, load_characters, read_jsonl
 
 
@@ -33,118 +31,58 @@ def build_sft_examples(splits_dir: Path, tokenizer, cutoff_len: int) -> list[dic
     return out
 
 
-def sft_loop(cfg: dict[str, Any]) -> None:
-    """Per-worker SFT loop (runs inside a Ray Train worker). ``cfg`` is built by :func:`train_sft`."""
-    import ray.train
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def make_trainer_args(cfg: dict[str, Any], common: dict[str, Any]):
+    """(``trl.SFTConfig``, ``trl.SFTTrainer``) for the ``sft`` params section ``cfg["hp"]``."""
     from trl import SFTConfig, SFTTrainer
 
-    from troupe.train.distributed import join_deepspeed, make_progress_callback, training_args_common
-
-    rank = ray.train.get_context().get_world_rank()
-    sft, train = cfg["sft"], cfg["train"]
-    join_deepspeed(train)
+    hp = cfg["hp"]
+    packing = bool(hp.get("packing", True))
     args = SFTConfig(
         output_dir=cfg["scratch"],
-        max_steps=int(sft["max_steps"]),
-        per_device_train_batch_size=int(sft["per_device_batch_size"]),
-        gradient_accumulation_steps=int(sft.get("gradient_accumulation_steps", 1)),
-        learning_rate=float(sft["learning_rate"]),
+        max_steps=int(hp["max_steps"]),
+        per_device_train_batch_size=int(hp["per_device_batch_size"]),
+        gradient_accumulation_steps=int(hp.get("gradient_accumulation_steps", 1)),
+        learning_rate=float(hp["learning_rate"]),
         warmup_steps=float(
-            sft.get("warmup_ratio", 0.0)
+            hp.get("warmup_ratio", 0.0)
         ),  # a float < 1 is a ratio of max_steps (transformers 5)
-        lr_scheduler_type=sft.get("lr_scheduler_type", "cosine"),
+        lr_scheduler_type=hp.get("lr_scheduler_type", "cosine"),
         max_length=int(cfg["cutoff_len"]),
-        packing=bool(sft.get("packing", True)),
+        packing=packing,
         packing_strategy="bfd",
-        padding_free=bool(sft.get("packing", True)),
-        seed=int(sft.get("seed", 17)),
-        **training_args_common(train),
+        padding_free=packing,
+        seed=int(hp.get("seed", 17)),
+        **common,
     )
-    # TrainingArguments with a ZeRO-3 config must exist before from_pretrained so weights load partitioned.
-    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_model"])
-    ds = Dataset.from_list(cfg["examples"])
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=ds,
-        processing_class=tok,
-        callbacks=[
-            make_progress_callback("sft", args.max_steps, cfg.get("mlflow_run_id"), cfg.get("tracking_uri"))
-        ],
-    )
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
-    result = trainer.train()
-    trainer.save_model(cfg["out_dir"])  # ZeRO-3: every rank takes part in gathering the weights
-    if rank == 0:
-        tok.save_pretrained(cfg["out_dir"])
-        hist = [h for h in trainer.state.log_history if "loss" in h]
-        Path(cfg["out_dir"], "train_log.json").write_text(
-            json.dumps(
-                {
-                    "log_history": hist,
-                    "train_runtime_s": result.metrics.get("train_runtime"),
-                    "tokens_seen": trainer.state.num_input_tokens_seen,
-                    "global_step": trainer.state.global_step,
-                },
-                indent=1,
-            )
-        )
-    ray.train.report(
-        {"loss": float(result.training_loss), "tokens_seen": int(trainer.state.num_input_tokens_seen)}
-    )
+    return args, SFTTrainer
 
 
 def train_sft(params: dict[str, Any]) -> Path:
     """Run SFT as configured in ``params`` (sections sft, train, data) and return the model dir.
 
     Reads ``paths.splits`` and ``paths.base_model``; writes ``paths.sft_model`` (HF checkpoint +
-    ``train_log.json``) and logs params/metrics/loss curve to an MLflow child run ``sft``.
+    ``train_log.json`` + loss plot) and logs params and per-step metrics to the MLflow child run ``sft``.
+
+    Raises:
+        ConfigError: no trainable dialogue in ``train.jsonl``.
     """
     from transformers import AutoTokenizer
 
-    from troupe.tracking import step_run, tracking_uri
-    from troupe.train.distributed import run_on_ray
-    from troupe.train.plots import plot_loss
+    from troupe.train.distributed import run_training_step
 
-    sft, train, data = section(params, "sft"), section(params, "train"), section(params, "data")
+    section(params, "sft")
     base = path_of(params, "base_model")
-    out = path_of(params, "sft_model").resolve()
-    out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(str(base))
-    examples = build_sft_examples(path_of(params, "splits"), tok, int(data["cutoff_len"]))
+    examples = build_sft_examples(path_of(params, "splits"), tok, int(section(params, "data")["cutoff_len"]))
     if not examples:
-        from troupe.config import ConfigError
-
         raise ConfigError(f"{path_of(params, 'splits') / 'train.jsonl'}: no trainable dialogues")
     n_tokens = sum(sum(e["assistant_masks"]) for e in examples)
     print(f"[sft] {len(examples)} dialogues, {n_tokens} character tokens, base {base}", flush=True)
-    with step_run(params, "sft", ("sft", "train", "data", "model")) as run:
-        import mlflow
-
-        mlflow.log_metrics({"train_dialogues": len(examples), "train_loss_tokens": n_tokens})
-        cfg = dict(
-            sft=sft,
-            train=train,
-            cutoff_len=int(data["cutoff_len"]),
-            base_model=str(base.resolve()),
-            out_dir=str(out),
-            scratch=str(out.parent / ".scratch-sft"),
-            examples=examples,
-            mlflow_run_id=run.info.run_id,
-            tracking_uri=tracking_uri(),
-        )
-        t0 = time.time()
-        run_on_ray(
-            sft_loop, cfg, train, name=f"sft-{run.info.run_id[:8]}", storage=out.parent / ".ray-results"
-        )
-        mlflow.log_metric("wall_s", time.time() - t0)
-        log = json.loads((out / "train_log.json").read_text())
-        png = plot_loss(log["log_history"], out / "loss.png", "SFT")
-        mlflow.log_artifact(str(png))
-        mlflow.log_artifact(str(out / "train_log.json"))
-    return out
+    return run_training_step(
+        params,
+        "sft",
+        examples,
+        base,
+        path_of(params, "sft_model").resolve(),
+        {"train_dialogues": len(examples), "train_loss_tokens": n_tokens},
+    )

@@ -1,0 +1,150 @@
+"""What every KFP component does around its one ``troupe`` step: params file, artifact paths, pointers.
+
+Imported inside the component functions (the Troupe image ships this package), never at pipeline
+compile time, so it stays free of kfp imports.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: File written into a (small) artifact directory when the real data lives on shared storage (PVC or
+#: S3, reachable by RayJob pods): it holds that location. Downstream components follow it.
+POINTER = "TROUPE_LOCATION"
+
+
+def resolve(artifact_path: str) -> str:
+    """The directory a step should read for an input artifact: the pointer target or the path itself."""
+    p = Path(artifact_path) / POINTER
+    return p.read_text(encoding="utf-8").strip() if p.is_file() else artifact_path
+
+
+def run_step(argv: list[str], params_yaml: str, paths: dict[str, str] | None = None) -> None:
+    """Run ``troupe <argv> --params <tmp> --set paths.<k>=<v> ...`` in-process.
+
+    Args:
+        argv: subcommand words, e.g. ``["data", "validate"]``.
+        params_yaml: the whole params file as YAML text (the pipeline's ``params_yaml`` after overrides).
+        paths: ``paths.*`` entries to override, e.g. ``{"imported": in_ds.path}``.
+
+    Raises:
+        SystemExit: the step failed (``troupe.cli.main`` exits non-zero); KFP marks the task failed.
+    """
+    from troupe.cli import main
+
+    with tempfile.TemporaryDirectory(prefix="troupe-params-") as d:
+        pfile = Path(d) / "params.yaml"
+        pfile.write_text(params_yaml, encoding="utf-8")
+        sets = [x for k, v in (paths or {}).items() for x in ("--set", f"paths.{k}={v}")]
+        main([*argv, "--params", str(pfile), *sets])
+
+
+def merge_overrides(params_yaml: str, overrides: dict[str, Any]) -> str:
+    """Apply dotted-key overrides whose value is not "unset" (None, "" or a negative number).
+
+    Returns the new params YAML text. Used by the pipeline's first task so every later task reads one
+    resolved params document (shown in the run's inputs/outputs).
+    """
+    params = yaml.safe_load(params_yaml) or {}
+    if not isinstance(params, dict):
+        raise ValueError("params_yaml: top level must be a mapping")
+    for key, value in overrides.items():
+        if (
+            value is None
+            or value == ""
+            or (isinstance(value, int | float) and not isinstance(value, bool) and value < 0)
+        ):
+            continue
+        node = params
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = yaml.safe_load(value) if isinstance(value, str) else value
+    return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
+
+
+def fetch_data(params_yaml: str, repo: str, rev: str, remote: str, dest: str) -> str:
+    """Fetch each ``data.sources[*].path`` from a DVC repository at ``rev`` into ``dest``.
+
+    Empty ``repo`` returns ``params_yaml`` unchanged (sources are read from the working directory, as
+    in ``dvc repro``). Otherwise every source path is fetched with ``dvc get``'s API
+    (``dvc.repo.Repo.get``, from ``remote`` when given) and rewritten to its fetched copy.
+
+    Returns:
+        params YAML text with the rewritten source paths.
+    """
+    if not repo:
+        return params_yaml
+    from dvc.repo import Repo
+
+    params = yaml.safe_load(params_yaml)
+    for i, src in enumerate(params.get("data", {}).get("sources", [])):
+        out = Path(dest) / f"source{i}" / Path(src["path"]).name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Repo.get(repo, src["path"], out=str(out), rev=rev or None, remote=remote or None)
+        src["path"] = str(out)
+    return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
+
+
+def on_cluster_accelerator(params_yaml: str, kubernetes: bool) -> bool:
+    """True when a train step should go to a KubeRay RayJob (on Kubernetes and accelerator != cpu)."""
+    params = yaml.safe_load(params_yaml) or {}
+    return bool(kubernetes) and str(params.get("train", {}).get("accelerator", "cpu")) != "cpu"
+
+
+def train_step(
+    step: str,
+    params_yaml: str,
+    paths: dict[str, str],
+    out_key: str,
+    out_path: str,
+    kubernetes: bool,
+    shared_root: str,
+    namespace: str = "default",
+) -> str:
+    """Run ``troupe train <step>`` in-process, or ``troupe rayjob submit --step <step>`` on a cluster.
+
+    ``step`` is sft or dpo (what ``troupe rayjob submit --step`` accepts). On the RayJob path (created
+    in ``namespace``) the output goes to a fresh directory under ``shared_root`` (shared storage that
+    the Ray workers mount at the same path) and the KFP artifact gets only a :data:`POINTER` file.
+
+    Returns:
+        the directory that holds the step's output.
+    """
+    if not on_cluster_accelerator(params_yaml, kubernetes):
+        run_step(["train", step], params_yaml, {**paths, out_key: out_path})
+        return out_path
+    Path(shared_root).mkdir(parents=True, exist_ok=True)
+    target = tempfile.mkdtemp(prefix=f"{step}-", dir=shared_root)
+    run_step(
+        ["rayjob", "submit", "--step", step, "--namespace", namespace],
+        params_yaml,
+        {**paths, out_key: target},
+    )
+    Path(out_path).mkdir(parents=True, exist_ok=True)
+    (Path(out_path) / POINTER).write_text(target, encoding="utf-8")
+    return target
+
+
+def numeric_items(d: Any, prefix: str = "") -> dict[str, float]:
+    """Flatten nested dicts to ``a.b -> float`` for every int/float leaf (bools excluded)."""
+    out: dict[str, float] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(numeric_items(v, f"{prefix}{k}."))
+    elif isinstance(d, int | float) and not isinstance(d, bool):
+        out[prefix[:-1]] = float(d)
+    return out
+
+
+def gate_passed(decision: dict[str, Any]) -> bool:
+    """Read a gate ``decision.json``: ``passed``/``approved``/``promote`` true, or ``decision`` in
+    promote|pass|passed|approve|approved."""
+    for key in ("passed", "approved", "promote"):
+        if isinstance(decision.get(key), bool):
+            return decision[key]
+    return str(decision.get("decision", "")).lower() in {"promote", "pass", "passed", "approve", "approved"}

@@ -1,0 +1,269 @@
+"""KFP v2 lightweight components: one per ``troupe`` step, calling the same CLI as ``dvc.yaml``.
+
+Each component writes the pipeline's resolved params YAML to a temp file and runs the step
+in-process (``troupe.cli.main``) with its artifact paths as ``--set paths.<key>=...`` overrides, so a
+Kubeflow run and ``dvc repro`` execute the same code with the same parameters. Artifacts are typed
+so the Kubeflow UI renders them: Dataset, Model, Metrics, HTML (Data Docs, eval report), Markdown
+(gate decision). Helpers live in :mod:`components.runtime` (shipped in the image with ``troupe``).
+
+The image is ``TROUPE_IMAGE`` (environment variable at compile time; default below). It must contain
+``troupe`` with its dependencies and ``kfp``, so no pip install happens at run time.
+"""
+
+import os
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
+TROUPE_IMAGE = os.environ.get("TROUPE_IMAGE", "ghcr.io/troupe-ml/troupe:0.1.0-cpu")
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def resolve_params(
+    params_yaml: str,
+    base_model: str,
+    accelerator: str,
+    nodes: int,
+    devices_per_node: int,
+    zero_stage: int,
+    offload: str,
+    sft_max_steps: int,
+    sft_learning_rate: float,
+    sft_per_device_batch_size: int,
+    dpo_max_steps: int,
+    dpo_learning_rate: float,
+    dpo_beta: float,
+    gate_policy: str,
+) -> str:
+    """Apply the pipeline's individual overrides ("" / negative = keep the params file's value)."""
+    from components.runtime import merge_overrides
+
+    workers = nodes * devices_per_node if nodes > 0 and devices_per_node > 0 else -1
+    return merge_overrides(
+        params_yaml,
+        {
+            "model.base": base_model,
+            "train.accelerator": accelerator,
+            "train.nodes": nodes,
+            "train.devices_per_node": devices_per_node,
+            "train.num_workers": workers,
+            "train.zero_stage": zero_stage,
+            "train.offload": offload,
+            "sft.max_steps": sft_max_steps,
+            "sft.learning_rate": sft_learning_rate,
+            "sft.per_device_batch_size": sft_per_device_batch_size,
+            "dpo.max_steps": dpo_max_steps,
+            "dpo.learning_rate": dpo_learning_rate,
+            "dpo.beta": dpo_beta,
+            "registry.gate_policy": gate_policy,
+        },
+    )
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def data_import(params_yaml: str, data_repo: str, data_rev: str, dvc_remote: str, imported: Output[Dataset]):
+    """``troupe data import`` (sources fetched from ``data_repo`` at DVC revision ``data_rev`` when set)."""
+    import tempfile
+
+    from components.runtime import fetch_data, run_step
+
+    with tempfile.TemporaryDirectory(prefix="troupe-data-") as d:
+        params = fetch_data(params_yaml, data_repo, data_rev, dvc_remote, d)
+        run_step(["data", "import"], params, {"imported": imported.path})
+    imported.metadata.update({"data_repo": data_repo, "data_rev": data_rev})
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def data_validate(
+    params_yaml: str,
+    imported: Input[Dataset],
+    validated: Output[Dataset],
+    data_docs: Output[HTML],
+    validation_metrics: Output[Metrics],
+):
+    """``troupe data validate``; Great Expectations Data Docs as HTML, report.json numbers as Metrics."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.runtime import numeric_items, resolve, run_step
+
+    run_step(
+        ["data", "validate"], params_yaml, {"imported": resolve(imported.path), "validated": validated.path}
+    )
+    index = Path(validated.path) / "data_docs" / "index.html"
+    if index.is_file():
+        shutil.copyfile(index, data_docs.path)
+    else:
+        Path(data_docs.path).write_text("<p>no Data Docs written</p>", encoding="utf-8")
+    report = Path(validated.path) / "report.json"
+    if report.is_file():
+        for k, v in numeric_items(json.loads(report.read_text(encoding="utf-8"))).items():
+            validation_metrics.log_metric(k, v)
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def data_split(params_yaml: str, validated: Input[Dataset], splits: Output[Dataset]):
+    """``troupe data split``: train / held-out dialogues / held-out characters."""
+    from components.runtime import resolve, run_step
+
+    run_step(["data", "split"], params_yaml, {"validated": resolve(validated.path), "splits": splits.path})
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def model_prepare(params_yaml: str, base_model: Output[Model]):
+    """``troupe model prepare``: materialise the base model as a plain HF checkpoint directory."""
+    import yaml
+
+    from components.runtime import run_step
+
+    run_step(["model", "prepare"], params_yaml, {"base_model": base_model.path})
+    base_model.metadata["base"] = str((yaml.safe_load(params_yaml) or {}).get("model", {}).get("base", ""))
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def train_sft(
+    params_yaml: str,
+    splits: Input[Dataset],
+    base_model: Input[Model],
+    sft_model: Output[Model],
+    kubernetes: bool = False,
+    shared_root: str = "/mnt/troupe/runs",
+    rayjob_namespace: str = "default",
+):
+    """``troupe train sft`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
+    from components.runtime import resolve, train_step
+
+    paths = {"splits": resolve(splits.path), "base_model": resolve(base_model.path)}
+    where = train_step(
+        "sft", params_yaml, paths, "sft_model", sft_model.path, kubernetes, shared_root, rayjob_namespace
+    )
+    sft_model.metadata["location"] = where
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def train_pairs(
+    params_yaml: str,
+    splits: Input[Dataset],
+    sft_model: Input[Model],
+    base_model: Input[Model],
+    pairs: Output[Dataset],
+):
+    """``troupe train pairs``: DPO preference pairs sampled from the SFT model (in-process)."""
+    from components.runtime import resolve, run_step
+
+    paths = {
+        "splits": resolve(splits.path),
+        "sft_model": resolve(sft_model.path),
+        "base_model": resolve(base_model.path),
+        "pairs": pairs.path,
+    }
+    run_step(["train", "pairs"], params_yaml, paths)
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def train_dpo(
+    params_yaml: str,
+    pairs: Input[Dataset],
+    sft_model: Input[Model],
+    dpo_model: Output[Model],
+    kubernetes: bool = False,
+    shared_root: str = "/mnt/troupe/runs",
+    rayjob_namespace: str = "default",
+):
+    """``troupe train dpo`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
+    from components.runtime import resolve, train_step
+
+    paths = {"pairs": resolve(pairs.path), "sft_model": resolve(sft_model.path)}
+    where = train_step(
+        "dpo", params_yaml, paths, "dpo_model", dpo_model.path, kubernetes, shared_root, rayjob_namespace
+    )
+    dpo_model.metadata["location"] = where
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def evaluate(
+    params_yaml: str,
+    splits: Input[Dataset],
+    base_model: Input[Model],
+    sft_model: Input[Model],
+    dpo_model: Input[Model],
+    eval_dir: Output[Artifact],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """``troupe evaluate``: metrics.json numbers as Metrics, report.html as HTML."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.runtime import numeric_items, resolve, run_step
+
+    run_step(
+        ["evaluate"],
+        params_yaml,
+        {
+            "splits": resolve(splits.path),
+            "base_model": resolve(base_model.path),
+            "sft_model": resolve(sft_model.path),
+            "dpo_model": resolve(dpo_model.path),
+            "eval": eval_dir.path,
+        },
+    )
+    for k, v in numeric_items(
+        json.loads((Path(eval_dir.path) / "metrics.json").read_text(encoding="utf-8"))
+    ).items():
+        metrics.log_metric(k, v)
+    html = Path(eval_dir.path) / "report.html"
+    if html.is_file():
+        shutil.copyfile(html, report.path)
+    else:
+        Path(report.path).write_text("<p>no report.html written</p>", encoding="utf-8")
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def registry_register(
+    params_yaml: str,
+    eval_dir: Input[Artifact],
+    dpo_model: Input[Model],
+    registry: Output[Artifact],
+    gate: Output[Markdown],
+) -> bool:
+    """``troupe registry register``: MLflow registration + gate; gate.md as Markdown; returns whether the gate passed."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from components.runtime import gate_passed, resolve, run_step
+
+    run_step(
+        ["registry", "register"],
+        params_yaml,
+        {"eval": resolve(eval_dir.path), "dpo_model": resolve(dpo_model.path), "registry": registry.path},
+    )
+    md = Path(registry.path) / "gate.md"
+    if md.is_file():
+        shutil.copyfile(md, gate.path)
+    else:
+        Path(gate.path).write_text("no gate.md written\n", encoding="utf-8")
+    decision = json.loads((Path(registry.path) / "decision.json").read_text(encoding="utf-8"))
+    registry.metadata["decision"] = decision
+    return gate_passed(decision)
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def deploy(
+    params_yaml: str,
+    registry: Input[Artifact],
+    dpo_model: Input[Model],
+    deployment: Output[Artifact],
+    env: str = "test",
+):
+    """``troupe deploy --env <env>``: serve the registered model and record the smoke request/response."""
+    from components.runtime import resolve, run_step
+
+    run_step(
+        ["deploy", "--env", env],
+        params_yaml,
+        {"registry": resolve(registry.path), "dpo_model": resolve(dpo_model.path), "deploy": deployment.path},
+    )

@@ -1,0 +1,109 @@
+# One S3 bucket: KMS-encrypted, versioned, public access blocked, owner-enforced, lifecycle for
+# non-current versions, access logs to `log_bucket` (none for the log bucket itself).
+
+variable "bucket" {
+  description = "Bucket name."
+  type        = string
+}
+
+variable "kms_key_arn" {
+  description = "KMS key for default encryption."
+  type        = string
+}
+
+variable "log_bucket" {
+  description = "Access-log target bucket; empty for the log bucket itself."
+  type        = string
+}
+
+variable "noncurrent_days" {
+  description = "Days to keep non-current object versions."
+  type        = number
+  default     = 90
+}
+
+variable "force_destroy" {
+  description = "Allow destroying a non-empty bucket (test only)."
+  type        = bool
+  default     = false
+}
+
+variable "tags" {
+  description = "Tags."
+  type        = map(string)
+  default     = {}
+}
+
+resource "aws_s3_bucket" "this" {
+  #checkov:skip=CKV_AWS_144:cross-region replication not required; versioning + lifecycle cover recovery and data is reproducible from DVC sources
+  #checkov:skip=CKV2_AWS_62:no event consumers; pipelines read MLflow/DVC metadata instead of S3 events
+  #checkov:skip=CKV_AWS_18:access logging is configured by aws_s3_bucket_logging below when log_bucket is set; the log bucket itself is not logged (it would log into itself)
+  bucket        = var.bucket
+  force_destroy = var.force_destroy
+  tags          = var.tags
+}
+
+resource "aws_s3_bucket_versioning" "this" {
+  bucket = aws_s3_bucket.this.id
+  versioning_configuration {
+    status = "Enabled"
+  }
+}
+
+resource "aws_s3_bucket_server_side_encryption_configuration" "this" {
+  bucket = aws_s3_bucket.this.id
+  rule {
+    apply_server_side_encryption_by_default {
+      sse_algorithm     = "aws:kms"
+      kms_master_key_id = var.kms_key_arn
+    }
+    bucket_key_enabled = true
+  }
+}
+
+resource "aws_s3_bucket_public_access_block" "this" {
+  bucket                  = aws_s3_bucket.this.id
+  block_public_acls       = true
+  block_public_policy     = true
+  ignore_public_acls      = true
+  restrict_public_buckets = true
+}
+
+resource "aws_s3_bucket_ownership_controls" "this" {
+  bucket = aws_s3_bucket.this.id
+  rule {
+    object_ownership = "BucketOwnerEnforced"
+  }
+}
+
+resource "aws_s3_bucket_lifecycle_configuration" "this" {
+  bucket = aws_s3_bucket.this.id
+  rule {
+    id     = "expire-noncurrent"
+    status = "Enabled"
+    filter {}
+    noncurrent_version_expiration {
+      noncurrent_days = var.noncurrent_days
+    }
+    abort_incomplete_multipart_upload {
+      days_after_initiation = 7
+    }
+  }
+}
+
+resource "aws_s3_bucket_logging" "this" {
+  count         = var.log_bucket == "" ? 0 : 1
+  bucket        = aws_s3_bucket.this.id
+  target_bucket = var.log_bucket
+  target_prefix = "${var.bucket}/"
+}
+
+output "id" {
+  description = "Bucket name."
+  value       = aws_s3_bucket.this.id
+}
+
+output "arn" {
+  description = "Bucket ARN."
+  value       = aws_s3_bucket.this.arn
+}

@@ -1,0 +1,498 @@
+"""Training on Kubernetes: the KubeRay RayJob of ``charts/troupe-training``, built in Python and submitted.
+
+One source of truth for the shape: the chart's ``values.yaml`` (plus an environment file such as
+``values-prod.yaml``). :func:`training_values` merges those files the way Helm does and fills in what
+params.yaml decides (step, ``train.accelerator``, ``train.num_workers``, the params file itself);
+:func:`rayjob_manifest` turns the values into exactly the RayJob that ``helm template`` renders
+(``tests/test_charts.py`` and ``tests/test_rayjob.py`` compare the two); :func:`submit_rayjob` creates
+it with the Kubernetes ``CustomObjectsApi``, follows ``status.jobDeploymentStatus`` / ``jobStatus``
+and the submitter pod's log, and deletes the RayJob on any failure so nothing half-submitted remains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from troupe.config import ConfigError
+
+GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
+STEPS = ("sft", "dpo")
+PARAMS_MOUNT = "/etc/troupe"
+
+#: Deployment states after which the RayJob will not make progress (KubeRay v1 ``JobDeploymentStatus``).
+FAILED_DEPLOYMENT = {"Failed", "ValidationFailed"}
+#: Terminal ``jobStatus`` values of the Ray job that are not success.
+FAILED_JOB = {"FAILED", "STOPPED"}
+
+
+class RayJobError(RuntimeError):
+    """A RayJob that failed, was stopped, could not be created, or timed out.
+
+    ``state`` is the failing status (e.g. ``FAILED``, ``ValidationFailed``, ``timeout``); the message
+    names the RayJob and KubeRay's ``status.reason`` / ``status.message``.
+    """
+
+    def __init__(self, message: str, *, name: str = "", state: str = "", reason: str = ""):
+        super().__init__(message)
+        self.name, self.state, self.reason = name, state, reason
+
+
+def default_chart_dir() -> Path:
+    """``charts/troupe-training`` of this checkout, or ``$TROUPE_CHARTS_DIR/troupe-training``."""
+    root = os.environ.get("TROUPE_CHARTS_DIR")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "charts"
+    return base / "troupe-training"
+
+
+def merge_values(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Helm's value coalescing: maps merge recursively, other values replace, ``null`` deletes a key."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_values(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: values file not found")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def chart_values(
+    chart_dir: str | Path | None = None, value_files: Iterable[str | Path] = ()
+) -> dict[str, Any]:
+    """The chart's ``values.yaml`` merged with ``value_files`` in order (like ``helm -f a -f b``).
+
+    A relative file that does not exist as given is looked up inside the chart directory, so
+    ``values-prod.yaml`` works from anywhere. Raises ConfigError for a missing or non-mapping file.
+    """
+    cdir = Path(chart_dir) if chart_dir else default_chart_dir()
+    values = _read_yaml(cdir / "values.yaml")
+    for f in value_files:
+        p = Path(f)
+        if not p.is_file() and not p.is_absolute() and (cdir / p).is_file():
+            p = cdir / p
+        values = merge_values(values, _read_yaml(p))
+    return values
+
+
+def chart_meta(chart_dir: str | Path | None = None) -> dict[str, Any]:
+    """``Chart.yaml`` of the training chart as a dict (``appVersion`` goes into the labels)."""
+    cdir = Path(chart_dir) if chart_dir else default_chart_dir()
+    return _read_yaml(cdir / "Chart.yaml")
+
+
+def training_values(
+    params: dict[str, Any],
+    step: str,
+    *,
+    chart_dir: str | Path | None = None,
+    value_files: Iterable[str | Path] = (),
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Chart values for one training run: chart files, then params.yaml, then ``overrides``.
+
+    From ``params``: ``step``; ``accelerator`` <- ``train.accelerator``; ``worker.replicas`` <-
+    ceil(``train.num_workers`` / devices per worker of that accelerator); ``params.content`` <- the
+    params dict as YAML (mounted at /etc/troupe/params.yaml). ``overrides`` (nested dict, e.g.
+    ``{"aws": {"roleArn": "arn:..."}}``) win over everything. The result is checked with
+    :func:`check_values`.
+    """
+    values = chart_values(chart_dir, value_files)
+    train = params.get("train") or {}
+    values["step"] = step
+    if train.get("accelerator"):
+        values["accelerator"] = train["accelerator"]
+    acc = _accelerator(values, setting="train.accelerator (params.yaml)")
+    if train.get("num_workers"):
+        values.setdefault("worker", {})["replicas"] = math.ceil(
+            int(train["num_workers"]) / max(int(acc.get("perWorker") or 1), 1)
+        )
+    values.setdefault("params", {})["content"] = yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
+    values["params"]["existingConfigMap"] = ""
+    if overrides:
+        values = merge_values(values, overrides)
+    check_values(values)
+    return values
+
+
+def _accelerator(values: dict[str, Any], setting: str = "accelerator") -> dict[str, Any]:
+    name = values.get("accelerator")
+    profiles = values.get("accelerators") or {}
+    if name not in profiles:
+        raise ConfigError(f"accelerator={name!r} is not one of {', '.join(sorted(profiles))}: set {setting}")
+    return profiles[name]
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """The chart's ``fail`` checks, in Python: each ConfigError names the setting to change."""
+    if values.get("step") not in STEPS:
+        raise ConfigError(f"step={values.get('step')!r}: set step to sft or dpo")
+    _accelerator(values)
+    if not (values.get("checkpoints") or {}).get("s3Uri"):
+        raise ConfigError("checkpoints.s3Uri is empty: set it to s3://<checkpoints bucket>/<prefix>")
+    aws = values.get("aws") or {}
+    if not aws.get("roleArn") and not aws.get("existingSecret"):
+        raise ConfigError("no AWS credentials: set aws.roleArn (IRSA) or aws.existingSecret (Secret name)")
+
+
+def _quote(v: Any) -> str:
+    """What Helm's ``quote`` makes of a scalar."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _labels(release: str, chart: dict[str, Any]) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "troupe-training",
+        "app.kubernetes.io/instance": release,
+        "app.kubernetes.io/version": str(chart.get("appVersion", "")),
+        "app.kubernetes.io/part-of": "troupe",
+    }
+
+
+def params_configmap_name(values: dict[str, Any], release: str) -> str:
+    """Name of the ConfigMap holding params.yaml (``params.existingConfigMap`` or ``<release>-params``)."""
+    return (values.get("params") or {}).get("existingConfigMap") or f"{release}-params"
+
+
+def params_configmap(
+    values: dict[str, Any],
+    *,
+    release: str = "troupe",
+    namespace: str = "default",
+    chart_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The chart's params ConfigMap (v1) as a dict; ``data['params.yaml']`` is ``params.content``."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": params_configmap_name(values, release),
+            "namespace": namespace,
+            "labels": _labels(release, chart_meta(chart_dir)),
+        },
+        "data": {"params.yaml": values["params"]["content"]},
+    }
+
+
+def rayjob_manifest(
+    values: dict[str, Any],
+    *,
+    release: str = "troupe",
+    namespace: str = "default",
+    chart_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The ``ray.io/v1`` RayJob that ``charts/troupe-training`` renders for ``values``.
+
+    Args:
+        values: full chart values (``training_values`` or ``chart_values`` output).
+        release: Helm release name; the RayJob is ``<release>-<step>``.
+        namespace: namespace written into ``metadata.namespace``.
+
+    Returns:
+        The manifest as a plain dict, equal to the chart's rendered RayJob parsed as YAML.
+
+    Raises:
+        ConfigError: unknown accelerator, bad step, missing checkpoint URI or AWS credentials.
+    """
+    check_values(values)
+    v = values
+    acc = _accelerator(v)
+    labels = _labels(release, chart_meta(chart_dir))
+    image = f"{v['image']['repository']}:{v['image']['version']}-{acc['imageSuffix']}"
+    env = [
+        {"name": "TROUPE_ACCELERATOR", "value": _quote(v["accelerator"])},
+        {"name": "MLFLOW_TRACKING_URI", "value": _quote(v["mlflow"]["trackingUri"])},
+        {"name": "TROUPE_CHECKPOINT_URI", "value": _quote(v["checkpoints"]["s3Uri"])},
+        {"name": "AWS_DEFAULT_REGION", "value": _quote(v["aws"]["region"])},
+    ]
+    env += [
+        {"name": e["name"], "value": _quote(e["value"])}
+        for e in (acc.get("env") or []) + (v.get("extraEnv") or [])
+    ]
+
+    def pod_common() -> dict[str, Any]:
+        return {
+            "serviceAccountName": v["serviceAccount"]["name"],
+            "securityContext": copy.deepcopy(v["podSecurityContext"]),
+            "volumes": [
+                {"name": "params", "configMap": {"name": params_configmap_name(v, release)}},
+                {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": v["worker"]["shmSize"]}},
+            ],
+        }
+
+    def container(name: str) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "name": name,
+            "image": image,
+            "imagePullPolicy": v["image"]["pullPolicy"],
+            "securityContext": copy.deepcopy(v["containerSecurityContext"]),
+            "env": copy.deepcopy(env),
+        }
+        if v["aws"].get("existingSecret"):
+            c["envFrom"] = [{"secretRef": {"name": v["aws"]["existingSecret"]}}]
+        c["volumeMounts"] = [
+            {"name": "params", "mountPath": PARAMS_MOUNT, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ]
+        return c
+
+    head = container("ray-head")
+    head["resources"] = copy.deepcopy(v["head"]["resources"])
+    head["ports"] = [
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+    ]
+    worker = container("ray-worker")
+    res: dict[str, Any] = {"cpu": _quote(v["worker"]["cpu"]), "memory": _quote(v["worker"]["memory"])}
+    if acc.get("resourceName"):
+        res[acc["resourceName"]] = acc["perWorker"]
+    worker["resources"] = {"requests": dict(res), "limits": dict(res)}
+    replicas = v["worker"]["replicas"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "RayJob",
+        "metadata": {
+            "name": f"{release}-{v['step']}",
+            "namespace": namespace,
+            "labels": {**labels, "troupe.ai/step": v["step"]},
+        },
+        "spec": {
+            "entrypoint": f"troupe train {v['step']} --params {PARAMS_MOUNT}/params.yaml",
+            "shutdownAfterJobFinishes": v["job"]["shutdownAfterJobFinishes"],
+            "ttlSecondsAfterFinished": v["job"]["ttlSecondsAfterFinished"],
+            "activeDeadlineSeconds": v["job"]["activeDeadlineSeconds"],
+            "backoffLimit": v["job"]["backoffLimit"],
+            "submissionMode": v["job"]["submissionMode"],
+            "rayClusterSpec": {
+                "rayVersion": _quote(v["rayVersion"]),
+                "headGroupSpec": {
+                    "rayStartParams": copy.deepcopy(v["head"]["rayStartParams"]),
+                    "template": {
+                        "metadata": {"labels": dict(labels)},
+                        "spec": {
+                            **pod_common(),
+                            "nodeSelector": copy.deepcopy(v["head"]["nodeSelector"]),
+                            "tolerations": copy.deepcopy(v["head"]["tolerations"]),
+                            "containers": [head],
+                        },
+                    },
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": f"{v['accelerator']}-workers",
+                        "replicas": replicas,
+                        "minReplicas": replicas,
+                        "maxReplicas": replicas,
+                        "rayStartParams": {
+                            **(acc.get("rayStartParams") or {}),
+                            **(v["worker"].get("rayStartParams") or {}),
+                        },
+                        "template": {
+                            "metadata": {"labels": dict(labels)},
+                            "spec": {
+                                **pod_common(),
+                                "nodeSelector": copy.deepcopy(acc["nodeSelector"]),
+                                "tolerations": copy.deepcopy(acc["tolerations"]),
+                                "containers": [worker],
+                            },
+                        },
+                    }
+                ],
+            },
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Submission
+
+
+def kube_api_client() -> Any:
+    """A kubernetes ``ApiClient`` from ``$KUBECONFIG`` / ~/.kube/config, else the in-cluster config.
+
+    Raises:
+        ConfigError: neither is available (the message says to set KUBECONFIG).
+    """
+    from kubernetes import client, config
+
+    try:
+        # Read $KUBECONFIG now: the client only reads it once, at import time.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
+    except Exception as kube_err:  # noqa: BLE001 - fall back to in-cluster, report both
+        try:
+            config.load_incluster_config()
+        except Exception as incluster_err:  # noqa: BLE001
+            raise ConfigError(
+                "no Kubernetes configuration: set KUBECONFIG to a kubeconfig file (e.g. `aws eks "
+                f"update-kubeconfig --name <cluster>`) or run inside the cluster ({kube_err}; {incluster_err})"
+            ) from incluster_err
+    return client.ApiClient()
+
+
+def _api_message(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            import json
+
+            return json.loads(body).get("message") or str(body)
+        except (ValueError, AttributeError):
+            return str(body)
+    return str(e)
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    parts = [f"{k}={status[k]}" for k in ("jobDeploymentStatus", "jobStatus", "reason") if status.get(k)]
+    if status.get("message"):
+        parts.append(f"message: {status['message']}")
+    return ", ".join(parts) or "no status"
+
+
+def submit_rayjob(
+    manifest: dict[str, Any],
+    namespace: str,
+    timeout_s: float,
+    api: Any = None,
+    *,
+    poll_s: float = 5.0,
+    log: Callable[[str], None] = print,
+    follow_logs: bool = True,
+) -> dict[str, Any]:
+    """Create ``manifest`` (a RayJob) in ``namespace`` and wait until it succeeds.
+
+    Progress (status changes) and new lines of the submitter pod's log (the driver output in
+    K8sJobMode; pods labelled ``batch.kubernetes.io/job-name=<rayjob>``) go to ``log``.
+
+    Args:
+        manifest: RayJob dict (``rayjob_manifest`` output).
+        namespace: target namespace.
+        timeout_s: seconds to wait after creation before giving up.
+        api: a kubernetes ``CustomObjectsApi``; default one from :func:`kube_api_client`. Logs are
+            read through a ``CoreV1Api`` on the same ``api_client``.
+        poll_s: seconds between status reads.
+
+    Returns:
+        The final ``status`` dict (``jobStatus`` SUCCEEDED).
+
+    Raises:
+        RayJobError: creation refused (e.g. already exists, invalid), ``jobStatus`` FAILED or STOPPED,
+            ``jobDeploymentStatus`` Failed or ValidationFailed, Complete without SUCCEEDED, or timeout.
+            Except for a refused creation, the RayJob is deleted before raising (also on Ctrl-C).
+        ConfigError: no kubeconfig when ``api`` is None.
+    """
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    if api is None:
+        api = client.CustomObjectsApi(kube_api_client())
+    core = client.CoreV1Api(api.api_client)
+    name = manifest["metadata"]["name"]
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+    except ApiException as e:
+        raise RayJobError(
+            f"RayJob {namespace}/{name} was not created (HTTP {e.status} {e.reason}): {_api_message(e)}",
+            name=name,
+            state="create",
+            reason=str(e.reason or ""),
+        ) from e
+    log(f"rayjob {namespace}/{name}: created")
+
+    def delete() -> None:
+        try:
+            api.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, propagation_policy="Background"
+            )
+            log(f"rayjob {namespace}/{name}: deleted")
+        except ApiException as e:
+            if e.status != 404:
+                log(f"rayjob {namespace}/{name}: delete failed: {_api_message(e)}")
+
+    def fail(state: str, status: dict[str, Any], text: str) -> RayJobError:
+        delete()
+        return RayJobError(
+            f"RayJob {namespace}/{name} {text} ({_status_text(status)})",
+            name=name,
+            state=state,
+            reason=str(status.get("reason") or ""),
+        )
+
+    deadline = time.monotonic() + timeout_s
+    seen: tuple[str, str] | None = None
+    log_offsets: dict[str, int] = {}
+    status: dict[str, Any] = {}
+    try:
+        while True:
+            try:
+                obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            except ApiException as e:
+                if e.status == 404:
+                    raise RayJobError(
+                        f"RayJob {namespace}/{name} disappeared while waiting (deleted by someone else?)",
+                        name=name,
+                        state="deleted",
+                    ) from e
+                raise
+            status = obj.get("status") or {}
+            dep, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
+            if (dep, job) != seen:
+                seen = (dep, job)
+                log(f"rayjob {namespace}/{name}: {_status_text(status)}")
+            if follow_logs:
+                _print_new_logs(core, namespace, name, log_offsets, log)
+            if dep in FAILED_DEPLOYMENT:
+                raise fail(dep, status, f"deployment {dep}")
+            if job in FAILED_JOB:
+                raise fail(job, status, f"job {job}")
+            if job == "SUCCEEDED":
+                log(f"rayjob {namespace}/{name}: succeeded")
+                return status
+            if dep == "Complete":
+                raise fail("Complete", status, "completed without SUCCEEDED")
+            if time.monotonic() >= deadline:
+                raise fail("timeout", status, f"timed out after {timeout_s:g}s")
+            time.sleep(poll_s)
+    except RayJobError:
+        raise
+    except BaseException:
+        delete()
+        raise
+
+
+def _print_new_logs(
+    core: Any, namespace: str, name: str, offsets: dict[str, int], log: Callable[[str], None]
+) -> None:
+    """Print log text of the RayJob's submitter pods that was not printed before (best effort)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={name}")
+        for pod in pods.items:
+            pname = pod.metadata.name
+            text = core.read_namespaced_pod_log(pname, namespace)
+            new = text[offsets.get(pname, 0) :]
+            offsets[pname] = len(text)
+            for line in new.splitlines():
+                log(f"[{pname}] {line}")
+    except ApiException:
+        return  # the pod may not exist yet or be gone; status polling decides

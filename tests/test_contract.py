@@ -159,7 +159,7 @@ def test_encoding_masks_exactly_the_character_turns(tiny_model_dir):
     )
     e = encode_dialogue(tok, d, ZH)
     assert len(e.input_ids) == len(e.assistant_masks)
-    learned = tok.decode([t for t, m in zip(e.input_ids, e.assistant_masks) if m])
+    learned = tok.decode([t for t, m in zip(e.input_ids, e.assistant_masks, strict=True) if m])
     assert "在呀～<emotion>开心</emotion>" in learned and "要什么花？" in learned
     assert "在吗" not in learned and "买花" not in learned and "花店老板" not in learned
     short = encode_dialogue(tok, d, ZH, cutoff_len=10)

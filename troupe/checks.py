@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-import py3langid
-
 from troupe.markup import parse_reply
 
 #: Phrases no real person in character says (DOMAIN.md blacklist; zh + en). Case-insensitive.
@@ -47,10 +45,24 @@ _STAGE = re.compile(r"\*[^*\n]{1,80}\*|（[^）\n]{1,80}）|\([^)\n]{1,80}\)|【
 _CJK = re.compile(r"[\u3400-\u9fff]")
 _WORD = re.compile(r"[A-Za-z']+")
 _LANGID_MIN_CHARS = 4
+#: py3langid's normalised probability below which a non-CJK guess is "can't tell" (short English replies
+#: such as "Indiana." or "On April 14, 1865." come out as af/bcl/pcm with low confidence).
+LANGID_MIN_CONFIDENCE = 0.9
+_IDENTIFIER = None
+
+
+def _identifier():
+    global _IDENTIFIER
+    if _IDENTIFIER is None:
+        from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+
+        _IDENTIFIER = LanguageIdentifier.from_modelpath(MODEL_DIR / MODEL_FILE, norm_probs=True)
+    return _IDENTIFIER
 
 
 def detect_language(text: str) -> str | None:
-    """ISO 639-1 code of ``text`` by py3langid, or None when too short to tell (< 4 letters).
+    """ISO 639-1 code of ``text`` by py3langid, or None when it can't tell: fewer than 4 letters, or
+    py3langid's normalised probability below :data:`LANGID_MIN_CONFIDENCE`.
 
     Any CJK ideograph-dominant text is reported as ``zh`` (py3langid confuses short zh with ja).
     """
@@ -60,7 +72,8 @@ def detect_language(text: str) -> str | None:
     cjk = sum(1 for ch in letters if _CJK.match(ch))
     if cjk / len(letters) > 0.5:
         return "zh"
-    return py3langid.classify(text)[0]
+    lang, prob = _identifier().classify(text)
+    return lang if prob >= LANGID_MIN_CONFIDENCE else None
 
 
 def reply_length(text: str, language: str) -> int:

@@ -214,25 +214,21 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
     return trainer.fit()
 
 
-def train_loop(cfg: dict[str, Any]) -> None:
-    """Per-worker loop for SFT and DPO (runs inside a Ray Train worker).
+def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
+    """A TRL trainer (SFT or DPO by ``cfg["method"]``) with Troupe's progress callback.
 
-    ``cfg["method"]`` picks the builder (``troupe.train.sft.make_trainer_args`` or the DPO one), which
-    returns ``(TRL config, TRL trainer class, dataset)``. TrainingArguments with a ZeRO-3 config are
-    created before ``from_pretrained`` so weights load partitioned. Every rank joins the ZeRO-3
-    weight gather in ``save_model``; rank 0 writes the tokenizer and ``train_log.json``.
+    ``common`` are the shared TrainingArguments (:func:`training_args_common`). The method module's
+    ``make_trainer_args`` returns ``(TRL config, trainer class)``; the config (and with it a ZeRO-3
+    DeepSpeed config) exists before ``from_pretrained`` so weights load partitioned.
     """
     import importlib
 
-    import ray.train
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
-    rank = ray.train.get_context().get_world_rank()
-    join_deepspeed(cfg["train"])
     mod = importlib.import_module(f"troupe.train.{cfg['method']}")
-    args, trainer_cls = mod.make_trainer_args(cfg, training_args_common(cfg["train"]))
+    args, trainer_cls = mod.make_trainer_args(cfg, common)
     tok = AutoTokenizer.from_pretrained(cfg["base_model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["base_model"])
     trainer = trainer_cls(
@@ -247,10 +243,24 @@ def train_loop(cfg: dict[str, Any]) -> None:
         ],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
+    return trainer
+
+
+def train_loop(cfg: dict[str, Any]) -> None:
+    """Per-worker loop for SFT and DPO (runs inside a Ray Train worker).
+
+    Every rank joins the ZeRO-3 weight gather in ``save_model``; rank 0 writes the tokenizer and
+    ``train_log.json`` (loss history, runtime, real tokens seen).
+    """
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    join_deepspeed(cfg["train"])
+    trainer = build_trainer(cfg, training_args_common(cfg["train"]))
     result = trainer.train()
     trainer.save_model(cfg["out_dir"])
     if rank == 0:
-        tok.save_pretrained(cfg["out_dir"])
+        trainer.processing_class.save_pretrained(cfg["out_dir"])
         hist = [h for h in trainer.state.log_history if "loss" in h]
         Path(cfg["out_dir"], "train_log.json").write_text(
             json.dumps(

@@ -1,0 +1,684 @@
+"""The Troupe Ray Serve application: ``Router`` (gateway + canary router) in front of model deployments.
+
+Graph (one application per environment, route prefix e.g. ``/test`` or ``/production``)::
+
+    HTTP -> Router (FastAPI ingress: auth, limits, persona card, sticky stable/canary split,
+                    metrics, rollout stats)
+              |-> stable  (Model: transformers + @serve.batch + persona-card KV cache | vLLM)
+              '-> canary  (same, other model version; optional)
+
+Endpoints (relative to the route prefix):
+    POST /v1/chat/completions   OpenAI-compatible (``stream: true`` -> SSE); ``model`` = character id
+    POST /v1/roleplay           {character_id, conversation_id, messages} -> parsed reply
+    GET  /v1/models             characters served
+    GET  /v1/rollout/stats      per-variant counters for the rollout controller (``?since=unix_s``)
+    GET  /healthz
+
+The canary weight lives in the Router's ``user_config`` (``{"canary_weight": pct, "rolled_back":
+bool}``): changing it reconfigures the Router in place; model replicas are untouched.
+
+Import path ``serving.app:build_app`` (Helm RayService chart, ``troupe deploy``).
+"""
+
+import asyncio
+import copy
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from serving.backend import vllm_chat
+from serving.gateway import (
+    GatewayError,
+    Limits,
+    StickyRouter,
+    aggregate_events,
+    build_prompt,
+    check_api_key,
+    load_key_hashes,
+    parse_messages,
+    split_reply,
+)
+
+log = logging.getLogger("ray.serve")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs" / "serving"
+
+#: Defaults under every serving config (configs/serving/<env>.yaml overrides, then build_app args).
+DEFAULTS: dict[str, Any] = {
+    "env": "test",
+    "route_prefix": "/test",
+    "backend": "transformers",
+    "characters": [
+        "work/splits/characters.jsonl",
+        "work/validated/characters.jsonl",
+        "data/sample/characters.jsonl",
+    ],
+    "mlflow_tracking_uri": "",
+    "model_name": "troupe-roleplay",
+    "stable_alias": "champion",
+    "canary_alias": "",
+    "canary_weight": 0.0,
+    "model": {
+        "dtype": "float32",
+        "num_replicas": 1,
+        "num_cpus": 1,
+        "max_batch_size": 8,
+        "batch_wait_timeout_s": 0.02,
+        "prefix_cache_mb": 64,
+        "max_new_tokens": 48,
+        "temperature": 0.7,
+        "fault": {},
+    },
+    "canary_model": {},
+    "gateway": {
+        "served_model_name": "troupe",
+        "require_api_key": False,
+        "api_keys_sha256": [],
+        "api_keys_env": "TROUPE_API_KEYS_SHA256",
+        "api_keys_file": "",
+        "typing_chars_per_sec": 4.0,
+        "limits": {},
+    },
+    "router": {"num_cpus": 0, "retry_on_canary_error": True, "stats_window": 50000},
+    "vllm": {},
+}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Copy of ``base`` with ``over`` merged in (dicts recursively, other values replaced)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_serving_config(args: dict[str, Any]) -> dict[str, Any]:
+    """Serving config: :data:`DEFAULTS` <- ``configs/serving/{env}.yaml`` (or ``args['config']``) <- args.
+
+    Raises:
+        FileNotFoundError: an explicit ``config`` path does not exist.
+    """
+    env = str(args.get("env") or DEFAULTS["env"])
+    path = args.get("config")
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        p = _repo_path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"serving config {path}: not found")
+        cfg = deep_merge(cfg, yaml.safe_load(p.read_text(encoding="utf-8")) or {})
+    elif (CONFIG_DIR / f"{env}.yaml").is_file():
+        cfg = deep_merge(cfg, yaml.safe_load((CONFIG_DIR / f"{env}.yaml").read_text(encoding="utf-8")) or {})
+    return deep_merge(cfg, {k: v for k, v in args.items() if k != "config" and v is not None})
+
+
+def _repo_path(p: str | Path) -> Path:
+    """A relative path as given if it exists from the cwd, else relative to the repository root."""
+    q = Path(p)
+    return q if q.is_absolute() or q.exists() else REPO_ROOT / q
+
+
+def model_uris(cfg: dict[str, Any]) -> tuple[str, str | None]:
+    """(stable URI, canary URI or None) from explicit ``*_model_uri`` args or registry aliases.
+
+    ``model_uri`` serves one model as stable; ``models:/{model_name}@{alias}`` is used otherwise. No
+    canary when ``canary_alias`` is empty or it resolves to the same URI as stable.
+
+    Raises:
+        ValueError: no stable model can be named (no URI and no model_name/stable_alias).
+    """
+    name = cfg.get("model_name")
+    stable = cfg.get("stable_model_uri") or cfg.get("model_uri")
+    if not stable:
+        if not (name and cfg.get("stable_alias")):
+            raise ValueError("serving: give model_uri / stable_model_uri, or model_name + stable_alias")
+        stable = f"models:/{name}@{cfg['stable_alias']}"
+    canary = cfg.get("canary_model_uri")
+    if not canary and name and cfg.get("canary_alias"):
+        canary = f"models:/{name}@{cfg['canary_alias']}"
+    return str(stable), (str(canary) if canary and str(canary) != str(stable) else None)
+
+
+def resolve_model(uri: str, tracking_uri: str | None) -> tuple[Path, str]:
+    """(local checkpoint dir, version label) for a local dir or a ``models:/name@alias`` URI.
+
+    Raises:
+        FileNotFoundError / mlflow errors: the URI cannot be resolved.
+    """
+    p = Path(uri)
+    if not uri.startswith("models:/") and p.is_dir():
+        meta = p / "troupe_model.json"
+        label = json.loads(meta.read_text()).get("version", p.name) if meta.is_file() else p.name
+        return p, str(label)
+    from troupe.registry import resolve_model_dir
+
+    d = resolve_model_dir(uri, tracking_uri=tracking_uri or None)
+    label = uri
+    if uri.startswith("models:/") and "@" in uri:
+        try:
+            import mlflow
+
+            name, alias = uri[len("models:/") :].split("@", 1)
+            mv = mlflow.MlflowClient(tracking_uri=tracking_uri or None).get_model_version_by_alias(
+                name, alias
+            )
+            label = f"{name}/{mv.version}"
+        except Exception:  # label only; the model itself resolved
+            pass
+    return Path(d), label
+
+
+def load_character_file(spec: str | list[str]) -> dict[str, Any]:
+    """``{id: Character}`` from the first existing path of ``spec`` (a path or candidate list).
+
+    Raises:
+        FileNotFoundError: none of the candidates exists.
+    """
+    from troupe.contract import load_characters
+
+    cands = [spec] if isinstance(spec, str) else list(spec)
+    for c in cands:
+        p = _repo_path(c)
+        if p.is_file():
+            return load_characters(p)
+    raise FileNotFoundError(f"characters: none of {cands} exists (set 'characters' in the serving config)")
+
+
+# -- model deployment -----------------------------------------------------------------------------
+@serve.deployment(name="Model", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class Model:
+    """One model version behind the router (transformers backend, batched with ``@serve.batch``).
+
+    Args:
+        uri: local checkpoint dir or ``models:/name@alias`` (resolved on the replica's node).
+        tracking_uri: MLflow tracking URI for ``models:/`` URIs.
+        cfg: the ``model`` section (dtype, batching, prefix cache, generation defaults, ``fault``).
+
+    ``fault`` (drills and tests): ``error_rate`` in [0, 1] fails that share of requests,
+    ``reply`` replaces every generated reply with a fixed string.
+    """
+
+    def __init__(self, uri: str, tracking_uri: str | None, cfg: dict[str, Any]) -> None:
+        from serving.backend import TransformersBackend
+
+        self.dir, self.version = resolve_model(uri, tracking_uri)
+        self.cfg = cfg
+        self.backend = TransformersBackend(
+            self.dir, cfg.get("dtype", "float32"), int(float(cfg.get("prefix_cache_mb", 64)) * (1 << 20))
+        )
+        self._batch.set_max_batch_size(int(cfg.get("max_batch_size", 8)))
+        self._batch.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.02)))
+        self.fault = dict(cfg.get("fault") or {})
+        self._rng = random.Random(0)
+        self.calls = 0  # requests that reached this replica
+
+    def _gen_request(self, payload: dict[str, Any]):
+        from serving.backend import GenRequest
+
+        return GenRequest(
+            messages=payload["messages"],
+            max_new_tokens=int(payload.get("max_new_tokens") or self.cfg.get("max_new_tokens", 48)),
+            temperature=float(payload.get("temperature", self.cfg.get("temperature", 0.0)) or 0.0),
+            cache_key=payload.get("cache_key"),
+        )
+
+    def _maybe_fail(self) -> None:
+        if self._rng.random() < float(self.fault.get("error_rate", 0.0)):
+            raise RuntimeError("injected fault (model.fault.error_rate)")
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _batch(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        reqs = [self._gen_request(p) for p in payloads]
+        results = await asyncio.to_thread(self.backend.generate, reqs)
+        return [
+            {
+                "text": self.fault.get("reply", r.text),
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "prefix_cached": r.prefix_cached,
+                "model_version": self.version,
+                "batch_size": len(reqs),
+            }
+            for r in results
+        ]
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Generate one reply: ``{messages, max_new_tokens?, temperature?, cache_key?}`` -> dict."""
+        self.calls += 1
+        self._maybe_fail()
+        return await self._batch(payload)
+
+    async def stream(self, payload: dict[str, Any]):
+        """Yield reply text pieces (not batched); ``fault.reply`` is yielded as one piece."""
+        self.calls += 1
+        self._maybe_fail()
+        if "reply" in self.fault:
+            yield self.fault["reply"]
+            return
+        it = self.backend.stream(self._gen_request(payload))
+        done = object()
+        while True:
+            piece = await asyncio.to_thread(next, it, done)
+            if piece is done:
+                break
+            yield piece
+
+    async def ttft_ms(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Time to first token (ms) and whether the persona-card prefix came from the KV cache."""
+        ms, cached = await asyncio.to_thread(self.backend.first_token_ms, self._gen_request(payload))
+        return {"ttft_ms": ms, "prefix_cached": cached}
+
+    def info(self) -> dict[str, Any]:
+        """Model dir, version label and prefix-cache stats."""
+        cache = self.backend.cache.stats() if self.backend.cache else None
+        return {
+            "model_dir": str(self.dir),
+            "model_version": self.version,
+            "calls": self.calls,
+            "prefix_cache": cache,
+        }
+
+
+# -- router / gateway -----------------------------------------------------------------------------
+api = FastAPI(title="Troupe role-play gateway")
+
+
+@serve.deployment(name="Router", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Router:
+    """Gateway + sticky weighted router (see module docstring). ``user_config``: canary weight."""
+
+    def __init__(self, stable: Any, canary: Any | None, cfg: dict[str, Any]) -> None:
+        from ray.serve.metrics import Counter, Histogram
+
+        from troupe.checks import check_reply
+
+        self._check_reply = check_reply
+        self.handles = {"stable": stable, "canary": canary}
+        self.cfg = cfg
+        self.env = str(cfg.get("env", "test"))
+        gw = cfg.get("gateway", {})
+        self.limits = Limits.from_dict(gw.get("limits"))
+        self.served_name = gw.get("served_model_name", "troupe")
+        self.keys = load_key_hashes(
+            gw.get("api_keys_sha256"),
+            gw.get("api_keys_env", "TROUPE_API_KEYS_SHA256"),
+            gw.get("api_keys_file") or None,
+        )
+        self.require_key = bool(gw.get("require_api_key", False))
+        self.cps = float(gw.get("typing_chars_per_sec", 4.0))
+        self.characters = load_character_file(cfg["characters"])
+        self.router = StickyRouter(float(cfg.get("canary_weight", 0.0)))
+        self.rolled_back = False
+        self.rollback_reason = ""
+        self.retry = bool(cfg.get("router", {}).get("retry_on_canary_error", True))
+        self.vllm = cfg.get("backend") == "vllm"
+        self.events: deque[tuple] = deque(maxlen=int(cfg.get("router", {}).get("stats_window", 50000)))
+        self.versions: dict[str, str] = {}
+        self.model_calls = 0  # requests forwarded to a model (rejections never count)
+        tags = ("variant", "env")
+        self.m_requests = Counter("troupe_requests", description="Replies served, by variant.", tag_keys=tags)
+        self.m_errors = Counter(
+            "troupe_errors", description="Model call failures, by variant.", tag_keys=tags
+        )
+        self.m_rejected = Counter(
+            "troupe_rejected", description="Gateway rejections by code.", tag_keys=("code", "env")
+        )
+        self.m_latency = Histogram(
+            "troupe_latency_ms",
+            description="Model call latency (ms), by variant.",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+            tag_keys=tags,
+        )
+        self.m_quality = Counter(
+            "troupe_reply_violations",
+            description="Live reply rule violations.",
+            tag_keys=("variant", "env", "check"),
+        )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``{"canary_weight": pct, "rolled_back": bool, "reason": str}`` without restarts."""
+        if user_config.get("rolled_back"):
+            self.router.rollback()
+            self.rolled_back = True
+            self.rollback_reason = str(user_config.get("reason", ""))
+        else:
+            self.rolled_back = False
+            self.rollback_reason = ""
+            self.router.set_weight(float(user_config.get("canary_weight", self.router.canary_weight)))
+
+    # -- helpers ---------------------------------------------------------------------------------
+    async def _read_json(self, request: Request) -> dict[str, Any]:
+        check_api_key(dict(request.headers), self.keys, self.require_key)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            raise GatewayError(
+                413, "request_too_large", f"body {length} bytes > {self.limits.max_body_bytes}"
+            )
+        body = await request.body()
+        if len(body) > self.limits.max_body_bytes:
+            raise GatewayError(
+                413, "request_too_large", f"body {len(body)} bytes > {self.limits.max_body_bytes}"
+            )
+        try:
+            data = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise GatewayError(400, "invalid_json", f"body is not JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise GatewayError(400, "invalid_request", "body must be a JSON object")
+        return data
+
+    def _error(self, e: GatewayError) -> JSONResponse:
+        self.m_rejected.inc(tags={"code": e.code, "env": self.env})
+        return JSONResponse(e.body(), status_code=e.status)
+
+    def _character(self, cid: Any):
+        if not isinstance(cid, str) or cid not in self.characters:
+            raise GatewayError(
+                404, "unknown_character", f"unknown character {cid!r} (GET /v1/models lists them)"
+            )
+        return self.characters[cid]
+
+    def _max_new(self, data: dict[str, Any]) -> int | None:
+        v = data.get("max_tokens", data.get("max_completion_tokens", data.get("max_new_tokens")))
+        if v is None:
+            return None
+        if not isinstance(v, int) or v < 1 or v > self.limits.max_new_tokens:
+            raise GatewayError(
+                400, "invalid_max_tokens", f"max_tokens must be 1..{self.limits.max_new_tokens}"
+            )
+        return v
+
+    def _prepare(self, data: dict[str, Any], cid: Any, conv: Any) -> dict[str, Any]:
+        char = self._character(cid)
+        msgs = parse_messages(data.get("messages"), self.limits)
+        prompt = build_prompt(char, msgs, self.limits)
+        if conv is None:  # stable per conversation: character + first user turn
+            first = next(m.content for m in msgs if m.role == "user")
+            conv = hashlib.sha256(f"{char.id}\x00{first}".encode()).hexdigest()[:16]
+        payload = {"messages": prompt, "cache_key": char.id, "max_new_tokens": self._max_new(data)}
+        if data.get("temperature") is not None:
+            t = data["temperature"]
+            if not isinstance(t, int | float) or not 0 <= t <= 2:
+                raise GatewayError(400, "invalid_temperature", "temperature must be in [0, 2]")
+            payload["temperature"] = float(t)
+        return {"character": char, "conversation_id": str(conv), "payload": payload}
+
+    def _record(self, variant: str, ok: bool, ms: float, reply: str | None, char) -> None:
+        tags = {"variant": variant, "env": self.env}
+        q = (False, False, False)
+        if ok:
+            self.m_requests.inc(tags=tags)
+            self.m_latency.observe(ms, tags=tags)
+            if reply is not None:
+                c = self._check_reply(reply, character_name=char.name, language=char.language)
+                q = (not c.markup_valid, not c.language_ok, bool(c.assistant_phrase))
+                for name, bad in zip(
+                    ("markup_invalid", "language_mismatch", "assistant_phrase"), q, strict=True
+                ):
+                    if bad:
+                        self.m_quality.inc(tags={**tags, "check": name})
+        else:
+            self.m_errors.inc(tags=tags)
+        self.events.append((time.time(), variant, ok, ms, *q))
+
+    async def _call_model(self, variant: str, payload: dict[str, Any]) -> dict[str, Any]:
+        h = self.handles[variant]
+        if self.vllm:
+            return await vllm_chat(h, payload, self.served_name)
+        return await h.generate.remote(payload)
+
+    async def _generate(self, prep: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """Route, call, retry a failed canary call on stable; returns (model result, variant)."""
+        variant = self.router.route(prep["conversation_id"], self.handles["canary"] is not None)
+        self.model_calls += 1
+        t0 = time.perf_counter()
+        try:
+            out = await self._call_model(variant, prep["payload"])
+        except Exception as e:
+            self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+            if variant != "canary" or not self.retry:
+                raise
+            log.warning("canary call failed (%s); retrying on stable", e)
+            variant = "stable"
+            t0 = time.perf_counter()
+            try:
+                out = await self._call_model(variant, prep["payload"])
+            except Exception:
+                self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+                raise
+        self._record(variant, True, (time.perf_counter() - t0) * 1000, out["text"], prep["character"])
+        self.versions[variant] = out.get("model_version", "")
+        return out, variant
+
+    # -- endpoints -------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"ok": True, "env": self.env, "characters": len(self.characters)}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            check_api_key(dict(request.headers), self.keys, self.require_key)
+        except GatewayError as e:
+            return self._error(e)
+        data = [
+            {"id": c.id, "object": "model", "owned_by": "troupe", "name": c.name, "language": c.language}
+            for c in self.characters.values()
+        ]
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/roleplay")
+    async def roleplay(self, request: Request):
+        """``{character_id, conversation_id?, messages, max_tokens?, temperature?}`` -> parsed reply."""
+        from troupe.markup import parse_reply
+
+        try:
+            data = await self._read_json(request)
+            prep = self._prepare(data, data.get("character_id"), data.get("conversation_id"))
+        except GatewayError as e:
+            return self._error(e)
+        try:
+            out, variant = await self._generate(prep)
+        except Exception as e:
+            return JSONResponse({"error": {"code": "model_error", "message": str(e)[:500]}}, status_code=503)
+        parsed = parse_reply(out["text"])
+        msgs = split_reply(parsed.text, self.cps)
+        if msgs and parsed.images:
+            msgs[-1]["images"] = [i.__dict__ for i in parsed.images]
+        return {
+            "text": parsed.text,
+            "raw": out["text"],
+            "emotion": parsed.emotion,
+            "clauses": [c.__dict__ for c in parsed.clauses],
+            "images": [i.__dict__ for i in parsed.images],
+            "markup_valid": parsed.valid,
+            "messages": msgs,
+            "variant": variant,
+            "model_version": out.get("model_version", ""),
+            "character_id": prep["character"].id,
+            "conversation_id": prep["conversation_id"],
+            "usage": {
+                "prompt_tokens": out.get("prompt_tokens"),
+                "completion_tokens": out.get("completion_tokens"),
+            },
+        }
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        """OpenAI chat completions; ``model`` is a character id (or ``served_model_name`` +
+        ``character_id``); conversation id from ``conversation_id``, ``user`` or ``x-conversation-id``."""
+        try:
+            data = await self._read_json(request)
+            cid = data.get("model")
+            if cid == self.served_name or cid not in self.characters:
+                cid = data.get("character_id", cid)
+            conv = data.get("conversation_id") or data.get("user") or request.headers.get("x-conversation-id")
+            prep = self._prepare(data, cid, conv)
+            if data.get("n", 1) != 1:
+                raise GatewayError(400, "invalid_request", "n must be 1")
+        except GatewayError as e:
+            return self._error(e)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        model_id = prep["character"].id
+        if data.get("stream"):
+            return StreamingResponse(self._sse(prep, rid, created, model_id), media_type="text/event-stream")
+        try:
+            out, variant = await self._generate(prep)
+        except Exception as e:
+            return JSONResponse({"error": {"code": "model_error", "message": str(e)[:500]}}, status_code=503)
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": out["text"]},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {
+                "prompt_tokens": out.get("prompt_tokens", 0),
+                "completion_tokens": out.get("completion_tokens", 0),
+                "total_tokens": out.get("prompt_tokens", 0) + out.get("completion_tokens", 0),
+            },
+            "troupe": {
+                "variant": variant,
+                "model_version": out.get("model_version", ""),
+                "conversation_id": prep["conversation_id"],
+            },
+        }
+
+    async def _sse(self, prep: dict[str, Any], rid: str, created: int, model_id: str):
+        def chunk(delta: dict[str, Any], finish: str | None = None, extra: dict | None = None) -> str:
+            d = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            if extra:
+                d["troupe"] = extra
+            return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+        variant = self.router.route(prep["conversation_id"], self.handles["canary"] is not None)
+        self.model_calls += 1
+        yield chunk({"role": "assistant", "content": ""})
+        pieces: list[str] = []
+        for attempt in (variant, "stable"):
+            t0 = time.perf_counter()
+            try:
+                if self.vllm:
+                    out = await vllm_chat(self.handles[attempt], prep["payload"], self.served_name)
+                    pieces.append(out["text"])
+                    yield chunk({"content": out["text"]})
+                else:
+                    gen = self.handles[attempt].options(stream=True).stream.remote(prep["payload"])
+                    async for piece in gen:
+                        pieces.append(piece)
+                        yield chunk({"content": piece})
+                variant = attempt
+                self._record(
+                    attempt, True, (time.perf_counter() - t0) * 1000, "".join(pieces), prep["character"]
+                )
+                break
+            except Exception as e:
+                self._record(attempt, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+                if attempt == "stable" or pieces or not self.retry:  # cannot retry after output began
+                    err = {"error": {"code": "model_error", "message": str(e)[:500]}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        yield chunk({}, "stop", {"variant": variant, "conversation_id": prep["conversation_id"]})
+        yield "data: [DONE]\n\n"
+
+    @api.get("/v1/rollout/stats")
+    async def rollout_stats(self, request: Request, since: float = 0.0):
+        """Per-variant counters since ``since`` (unix seconds): requests, errors, rates, latency p50/p95."""
+        try:
+            check_api_key(dict(request.headers), self.keys, self.require_key)
+        except GatewayError as e:
+            return self._error(e)
+        return self.stats(since)
+
+    def stats(self, since: float = 0.0) -> dict[str, Any]:
+        """The JSON served by ``GET /v1/rollout/stats`` (see :func:`aggregate_events`)."""
+        return {
+            "env": self.env,
+            "now": time.time(),
+            "since": since,
+            "canary_weight": self.router.canary_weight,
+            "canary_available": self.handles["canary"] is not None,
+            "rolled_back": self.rolled_back,
+            "rollback_reason": self.rollback_reason,
+            "pinned_conversations": self.router.pinned,
+            "model_calls": self.model_calls,
+            "model_versions": dict(self.versions),
+            "variants": aggregate_events(self.events, since),
+        }
+
+
+def _model_app(variant: str, uri: str, cfg: dict[str, Any], mcfg: dict[str, Any]):
+    if cfg.get("backend") == "vllm":  # optional `gpu` extra; imported only here
+        from ray.serve.llm import LLMConfig, build_llm_deployment
+
+        from serving.backend import vllm_engine_config
+
+        d, label = resolve_model(uri, cfg.get("mlflow_tracking_uri") or None)
+        vcfg = {"served_model_name": cfg["gateway"].get("served_model_name", "troupe"), **cfg.get("vllm", {})}
+        return build_llm_deployment(LLMConfig(**vllm_engine_config(str(d), vcfg)), name_prefix=f"{variant}-")
+    return Model.options(
+        name=variant,
+        num_replicas=int(mcfg.get("num_replicas", 1)),
+        ray_actor_options={"num_cpus": float(mcfg.get("num_cpus", 1))},
+    ).bind(uri, cfg.get("mlflow_tracking_uri") or None, mcfg)
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder (``serving.app:build_app``) for ``serve run``/``serve deploy``/RayService.
+
+    Args:
+        args: ``env`` (test|production; selects ``configs/serving/<env>.yaml``), optional ``config``
+            path, ``mlflow_tracking_uri``, ``model_name``, ``stable_alias``, ``canary_alias``,
+            ``canary_weight`` (percent), ``route_prefix`` (informational; the app's route prefix is
+            set by the deploy config), ``model_uri``/``stable_model_uri``/``canary_model_uri``
+            (local dir or ``models:/name@alias``), and any serving-config section to override
+            (``model``, ``canary_model``, ``gateway``, ``router``, ``characters``, ``backend``).
+
+    Returns:
+        A bound Ray Serve application whose ingress is the ``Router`` deployment.
+
+    Raises:
+        ValueError: no stable model named; FileNotFoundError: config or characters file missing.
+    """
+    cfg = load_serving_config(args)
+    load_character_file(cfg["characters"])  # fail at build time, not on the first request
+    stable_uri, canary_uri = model_uris(cfg)
+    stable = _model_app("stable", stable_uri, cfg, cfg["model"])
+    canary = None
+    if canary_uri:
+        canary = _model_app(
+            "canary", canary_uri, cfg, deep_merge(cfg["model"], cfg.get("canary_model") or {})
+        )
+    else:
+        cfg["canary_weight"] = 0.0
+    rcfg = cfg.get("router", {})
+    return Router.options(
+        ray_actor_options={"num_cpus": float(rcfg.get("num_cpus", 0))},
+        user_config={"canary_weight": float(cfg.get("canary_weight", 0.0))},
+    ).bind(stable, canary, cfg)

@@ -78,7 +78,9 @@ def app_config(
     cfg = yaml.safe_load(serving_config_path(env).read_text(encoding="utf-8")) or {}
     reg = params.get("registry", {})
     name = reg.get("model_name", cfg.get("model_name", "troupe-roleplay"))
-    tracking = os.environ.get("MLFLOW_TRACKING_URI", reg.get("tracking_uri", ""))
+    from troupe.tracking import tracking_uri
+
+    tracking = reg.get("tracking_uri") or tracking_uri()
     args: dict[str, Any] = {
         "env": env,
         "model_name": name,

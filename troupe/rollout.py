@@ -470,7 +470,9 @@ def _context(params: dict[str, Any], env: str, policy_path: str | None):
     prefix = app_config(env, params)["route_prefix"]
     base = f"http://{s.get('host', '127.0.0.1')}:{int(s.get('port', 8000))}{prefix}"
     target = LocalTarget(env, base, os.environ.get("TROUPE_API_KEY"))
-    tracking = os.environ.get("MLFLOW_TRACKING_URI", reg.get("tracking_uri")) or None
+    from troupe.tracking import tracking_uri
+
+    tracking = reg.get("tracking_uri") or tracking_uri()
     registry = Registry(tracking, reg.get("model_name", "troupe-roleplay"))
     state_path, log_path = _files(params)
     return policy, target, registry, state_path, EventLog(log_path)

@@ -178,7 +178,10 @@ def _ray_init(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        # address="local": a fresh cluster for this job, never the long-lived serving cluster that
+        # `troupe deploy` leaves running (its CPUs are taken by model replicas)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
+                 log_to_driver=True)
 
 
 def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, storage: str | Path):

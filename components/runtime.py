@@ -68,7 +68,7 @@ def merge_overrides(params_yaml: str, overrides: dict[str, Any]) -> str:
 
 
 def fetch_data(params_yaml: str, repo: str, rev: str, remote: str, dest: str) -> str:
-    """Fetch each ``data.sources[*].path`` from a DVC repository at ``rev`` into ``dest``.
+    """Fetch each path of the selected source set (``data.source_sets[data.source_set]``) from a DVC repository at ``rev`` into ``dest``.
 
     Empty ``repo`` returns ``params_yaml`` unchanged (sources are read from the working directory, as
     in ``dvc repro``). Otherwise every source path is fetched with ``dvc get``'s API
@@ -82,7 +82,9 @@ def fetch_data(params_yaml: str, repo: str, rev: str, remote: str, dest: str) ->
     from dvc.repo import Repo
 
     params = yaml.safe_load(params_yaml)
-    for i, src in enumerate(params.get("data", {}).get("sources", [])):
+    from troupe.data.importers import selected_sources
+
+    for i, src in enumerate(selected_sources(params)):
         out = Path(dest) / f"source{i}" / Path(src["path"]).name
         out.parent.mkdir(parents=True, exist_ok=True)
         Repo.get(repo, src["path"], out=str(out), rev=rev or None, remote=remote or None)

@@ -1,0 +1,262 @@
+"""Validation: each bad-input class lands in quarantine with file:line and reason; counts add up."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from troupe.contract import Dialogue, QuarantineRecord, read_jsonl, to_chat, write_jsonl
+from troupe.data.importers import import_sources, selected_sources, write_import
+from troupe.data.validate import TokenCounter, find_duplicates, load_tokenizer, scrub_pii, validate_dir
+from troupe.persona import render_system_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared" / "data"
+
+CHARS = [
+    {
+        "id": "kit",
+        "name": "Kit",
+        "language": "en",
+        "profile": {"job": "bike courier in Bristol"},
+        "style": "breezy",
+    },
+    {"id": "mei", "name": "小梅", "language": "zh", "profile": {"身份": "花店店主"}},
+]
+GOOD_EN = [
+    ("Where are you riding today?", "Clifton, then down to the docks. Want to come?<emotion>happy</emotion>"),
+    ("Is it raining?", "Buckets! My socks are basically ponds now.<emotion>sad</emotion>"),
+    ("Favourite bike?", "My old steel frame. She squeaks but never quits.<emotion>happy</emotion>"),
+    ("Ever crashed?", "Once, into a hedge. The hedge lost.<emotion>surprised</emotion>"),
+    ("What do you eat on shift?", "Flapjacks, bananas, and far too much coffee.<emotion>neutral</emotion>"),
+    ("Do you like hills?", "Love them going down, hate them going up.<emotion>other</emotion>"),
+]
+
+
+def _d(did: str, cid: str, *turns: tuple[str, str], raw: list | None = None) -> dict:
+    msgs = (
+        raw
+        if raw is not None
+        else [{"role": r, "content": c} for u, a in turns for r, c in (("user", u), ("assistant", a))]
+    )
+    return {"id": did, "character_id": cid, "messages": msgs}
+
+
+def _dataset() -> list[dict | str]:
+    ds: list[dict | str] = [_d(f"good{i}", "kit", t) for i, t in enumerate(GOOD_EN)]
+    ds += [
+        _d("mei_ok", "mei", ("今天有什么花？", "刚到的芍药，香得很！<emotion>开心</emotion>")),
+        _d(
+            "role_order",
+            "kit",
+            raw=[{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Hey"}],
+        ),
+        _d("empty", "kit", ("Hello?", "   ")),
+        _d("too_long", "kit", (" ".join(["word"] * 700), "Long story.<emotion>neutral</emotion>")),
+        _d(
+            "wrong_lang",
+            "mei",
+            ("你好", "Hello there, I am selling lovely flowers today, would you like some?"),
+        ),
+        _d("markup", "kit", ("Mood?", "Great<emotion>joyful</emotion>")),
+        _d(
+            "pii",
+            "kit",
+            ("Call me on 13812345678 or mail kit@example.com", "Will do, mate.<emotion>happy</emotion>"),
+        ),
+        _d("exact_dup", "kit", GOOD_EN[0]),
+        _d("near_dup", "kit", (GOOD_EN[1][0], GOOD_EN[1][1].replace("Buckets!", "Buckets!!"))),
+        _d("ghost", "nobody", ("Hi", "Boo.")),
+        _d(
+            "capped",
+            "kit",
+            (
+                "Last question: tea or coffee?",
+                "Coffee, obviously. Tea is for rest days.<emotion>happy</emotion>",
+            ),
+        ),
+    ]
+    return ds
+
+
+EXPECTED = {
+    "role_order": "role_order",
+    "empty": "empty_turn",
+    "too_long": "too_long",
+    "wrong_lang": "wrong_language",
+    "markup": "markup",
+    "exact_dup": "exact_duplicate",
+    "near_dup": "near_duplicate",
+    "capped": "character_cap",
+}
+
+
+def _params(tmp: Path, model: Path, **data) -> dict:
+    d = {
+        "cutoff_len": 512,
+        "pii": "scrub",
+        "max_dialogues_per_character": 7,
+        "near_duplicate_threshold": 0.9,
+        "max_rejected_share": 0.9,
+        "language_min_share": 0.8,
+    }
+    d.update(data)
+    return {
+        "paths": {
+            "imported": str(tmp / "imported"),
+            "validated": str(tmp / "validated"),
+            "base_model": str(model),
+        },
+        "data": d,
+    }
+
+
+def _prepare(tmp: Path) -> Path:
+    src = tmp / "src"
+    write_jsonl(src / "characters.jsonl", CHARS)
+    write_jsonl(src / "dialogues.jsonl", [r for r in _dataset() if r["id"] != "ghost"])
+    # the unknown-character dialogue is appended to the *imported* file (validation must catch it too)
+    res = import_sources([{"kind": "troupe", "path": str(src)}])
+    write_import(res, tmp / "imported")
+    with open(tmp / "imported" / "dialogues.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(_d("ghost", "nobody", ("Hi", "Boo."))) + "\n")
+        f.write('{"id": "broken", \n')
+    return src
+
+
+@pytest.fixture(scope="module")
+def scrub_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("val_scrub")
+    src = _prepare(tmp)
+    res = validate_dir(_params(tmp, tiny_model_dir))
+    return tmp, src, res
+
+
+def test_counts_conserved_and_files_written(scrub_run):
+    tmp, _, res = scrub_run
+    rep = json.loads((tmp / "validated" / "report.json").read_text())
+    assert rep["in"] == rep["accepted"] + rep["quarantined"] == len(_dataset()) + 1
+    assert len(read_jsonl(tmp / "validated" / "dialogues.jsonl", Dialogue)) == rep["accepted"]
+    assert len(read_jsonl(tmp / "validated" / "quarantine.jsonl", QuarantineRecord)) == rep["quarantined"]
+    assert sum(pc["in"] for pc in rep["per_character"].values()) == rep["in"] - 1  # minus the unreadable line
+    assert (tmp / "validated" / "data_docs" / "index.html").is_file()
+    assert len((tmp / "validated" / "features.csv").read_text().splitlines()) == rep["in"]  # header + rows-1
+    assert rep["import_errors"]["count"] == 0
+
+
+@pytest.mark.parametrize("did", sorted(EXPECTED))
+def test_each_bad_class_quarantined_with_source_line_and_reason(scrub_run, did):
+    tmp, src, res = scrub_run
+    q = {r.record_id: r for r in res.quarantined}
+    rec = q[did]
+    assert rec.reason.startswith(EXPECTED[did] + ":") or f"; {EXPECTED[did]}:" in rec.reason
+    assert Path(rec.file) == src / "dialogues.jsonl"
+    lines = (src / "dialogues.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[rec.line - 1])["id"] == did
+
+
+def test_unknown_character_and_unreadable_line(scrub_run):
+    _, _, res = scrub_run
+    q = {r.record_id: r for r in res.quarantined}
+    assert q["ghost"].reason.startswith("unknown_character")
+    bad = [r for r in res.quarantined if r.record_id is None]
+    assert len(bad) == 1 and bad[0].line == len(_dataset()) + 1 and "malformed JSON" in bad[0].reason
+    assert res.report["by_reason"]["unreadable"] == 1
+
+
+def test_good_dialogues_accepted_and_pii_scrubbed(scrub_run):
+    _, _, res = scrub_run
+    acc = {d.id: d for d in res.accepted}
+    assert set(acc) == {f"good{i}" for i in range(6)} | {"mei_ok", "pii"}
+    assert acc["pii"].messages[0].content == "Call me on [PHONE] or mail [EMAIL]"
+    assert res.report["flags"]["pii_scrubbed_matches"] == 2
+
+
+def test_reasons_come_from_gx_results(scrub_run):
+    tmp, _, res = scrub_run
+    html = (tmp / "validated" / "data_docs" / "index.html").read_text()
+    assert "troupe_rows" in html and "troupe_character_cap" in html
+    feats = res.features.set_index("dialogue_id")
+    assert feats.loc["too_long", "n_tokens"] > 512 and feats.loc["capped", "cap_rank"] == 8
+
+
+def test_pii_reject_and_cli_exit_over_threshold(tmp_path, tiny_model_dir):
+    from troupe.cli import cli
+
+    _prepare(tmp_path)
+    p = _params(tmp_path, tiny_model_dir, pii="reject")
+    sets = [f"--set=paths.{k}={v}" for k, v in p["paths"].items()]
+    sets += [f"--set=data.{k}={v}" for k, v in p["data"].items() if k != "max_rejected_share"]
+    r = CliRunner().invoke(cli, ["data", "validate", *sets, "--set=data.max_rejected_share=0.2"])
+    assert r.exit_code != 0
+    assert "data.max_rejected_share" in r.output and "quarantined" in r.output
+    q = {x.record_id: x for x in read_jsonl(tmp_path / "validated" / "quarantine.jsonl", QuarantineRecord)}
+    assert q["pii"].reason.startswith("pii: personal data: 2 match")
+    assert "13812345678" in json.dumps(q["pii"].raw)  # rejected, not scrubbed
+    r = CliRunner().invoke(cli, ["data", "validate", *sets, "--set=data.max_rejected_share=0.9"])
+    assert r.exit_code == 0, r.output
+
+
+def test_sample_dataset_validates_clean(tmp_path, tiny_model_dir):
+    """The project's sample passes every rule; zh cards need cutoff_len > 512 with SmolLM2's tokenizer."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["paths"] = {
+        "imported": str(tmp_path / "i"),
+        "validated": str(tmp_path / "v"),
+        "base_model": str(tiny_model_dir),
+    }
+    res = import_sources(selected_sources(params), ROOT)
+    assert res.report()["totals"]["errors"] == 0 and len(res.characters) == 8
+    write_import(res, tmp_path / "i")
+    params["data"]["cutoff_len"] = max(params["data"]["cutoff_len"], 768)
+    out = validate_dir(params)
+    assert out.report["quarantined"] == 0, [q.reason for q in out.quarantined]
+    langs = {c.language for c in res.characters.values()}
+    assert langs == {"zh", "en"}
+    per_char = out.report["per_character"]
+    assert all(10 <= v["accepted"] <= 12 for v in per_char.values())
+    en = out.features[
+        out.features.character_id.isin([c.id for c in res.characters.values() if c.language == "en"])
+    ]
+    assert (en.n_tokens <= 512).all()
+
+
+def test_token_counter_is_exact(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    res = import_sources([{"kind": "troupe", "path": str(ROOT / "data/sample")}])
+    if (SHARED / "charactereval").is_dir():
+        ce = import_sources([{"kind": "charactereval", "path": str(SHARED / "charactereval")}])
+        res.dialogues += ce.dialogues[:40]
+        res.characters.update(ce.characters)
+    cards = [render_system_prompt(res.characters[d.character_id]) for d in res.dialogues]
+    convs = [to_chat(d.messages, c) for d, c in zip(res.dialogues, cards, strict=True)]
+    counter = TokenCounter(tok, self_check=0)
+    fast = counter.count(convs, cards)
+    direct = [
+        len(tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"])
+        for c in convs
+    ]
+    assert fast == direct
+
+
+def test_scrub_pii_patterns():
+    text, n = scrub_pii(
+        "id 11010519491231002X, card 4111 1111 1111 1111, tel +1 415-555-0134, 010-12345678 [委屈]"
+    )
+    assert text == "id [ID], card [ID], tel [PHONE], [PHONE] [委屈]" and n == 4
+    assert scrub_pii("Born 1809, died April 15, 1865; 2014-08-11.") == (
+        "Born 1809, died April 15, 1865; 2014-08-11.",
+        0,
+    )
+
+
+def test_find_duplicates_within_character_only():
+    a = "u:tell me about the sea\na:the sea is wide and deep and cold in winter, kid."
+    exact, near = find_duplicates(["x", "y", "x", "x"], [a, a, a, a.replace("kid.", "kid!")], 0.9)
+    assert exact == [None, None, "0", None]
+    assert near == [None, None, None, "0"]

@@ -1,0 +1,187 @@
+"""Train / held-out splits: whole held-out characters (unseen persona cards) and held-out dialogues.
+
+``troupe data split`` reads ``paths.validated`` and writes to ``paths.splits``:
+
+- ``heldout_characters.jsonl``: every dialogue of ``split.heldout_characters`` whole characters, chosen
+  deterministically from ``split.seed`` among characters with at least 2 dialogues when there are
+  enough, round-robin over languages so that each language is represented when possible;
+- ``heldout_dialogues.jsonl``: ``split.heldout_dialogue_share`` of each remaining character's
+  dialogues (at least 1 when the character has >= 2, never all of them);
+- ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it by a seeded sample);
+- both eval files capped at ``split.max_eval_dialogues`` (0 = no cap) by a seeded sample;
+- ``characters.jsonl`` (every card) and ``split_report.json``.
+
+Every output dialogue has ``split`` set to ``train`` / ``heldout_dialogues`` / ``heldout_characters``;
+no held-out character has a dialogue in ``train``. File order follows the input order.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from troupe.config import ConfigError, path_of, section
+from troupe.contract import Character, Dialogue, load_characters, read_jsonl, write_jsonl
+
+SPLITS = ("train", "heldout_dialogues", "heldout_characters")
+
+
+@dataclass
+class SplitResult:
+    """The three splits (input order kept), the held-out character ids and the report dict."""
+
+    train: list[Dialogue] = field(default_factory=list)
+    heldout_dialogues: list[Dialogue] = field(default_factory=list)
+    heldout_characters: list[Dialogue] = field(default_factory=list)
+    heldout_character_ids: list[str] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_heldout_characters(
+    counts: dict[str, int], languages: dict[str, str], n: int, seed: int
+) -> list[str]:
+    """Pick ``n`` character ids to hold out whole.
+
+    Args:
+        counts: dialogues per character id (characters with 0 dialogues are never picked).
+        languages: character id -> language.
+        n: how many to pick; at most ``len(candidates) - 1`` so training keeps a character.
+        seed: RNG seed (same inputs + seed -> same choice).
+
+    Returns:
+        Sorted character ids. Characters with >= 2 dialogues are preferred (if at least ``n`` exist);
+        picks alternate across languages (languages in seeded order) so each is represented when possible.
+    """
+    present = sorted(c for c, k in counts.items() if k > 0)
+    n = max(0, min(n, len(present) - 1))
+    if n == 0:
+        return []
+    several = [c for c in present if counts[c] >= 2]
+    pool = several if len(several) >= n else present
+    rng = random.Random(seed)
+    by_lang: dict[str, list[str]] = defaultdict(list)
+    for c in pool:
+        by_lang[languages.get(c, "")].append(c)
+    langs = sorted(by_lang)
+    rng.shuffle(langs)
+    for lang in langs:
+        rng.shuffle(by_lang[lang])
+    picked: list[str] = []
+    while len(picked) < n:
+        for lang in langs:
+            if by_lang[lang] and len(picked) < n:
+                picked.append(by_lang[lang].pop())
+    return sorted(picked)
+
+
+def _sample(items: list[Dialogue], k: int, rng: random.Random) -> list[Dialogue]:
+    """Seeded sample of ``k`` items in their original order (all when ``k <= 0`` or ``k >= len``)."""
+    if k <= 0 or k >= len(items):
+        return list(items)
+    keep = set(rng.sample(range(len(items)), k))
+    return [d for i, d in enumerate(items) if i in keep]
+
+
+def split_dialogues(
+    dialogues: list[Dialogue], characters: dict[str, Character], split_params: dict[str, Any]
+) -> SplitResult:
+    """Split dialogues into train / held-out dialogues / held-out characters (see the module docstring).
+
+    Args:
+        dialogues: accepted dialogues.
+        characters: persona cards (their ``language`` guides the held-out character choice).
+        split_params: ``params['split']``: ``heldout_characters``, ``heldout_dialogue_share``, ``seed``,
+            ``max_train_dialogues`` (0 = all), ``max_eval_dialogues`` (0 = all).
+
+    Raises:
+        ConfigError: a share outside [0, 1).
+    """
+    seed = int(split_params.get("seed", 0))
+    share = float(split_params.get("heldout_dialogue_share", 0.15))
+    if not 0.0 <= share < 1.0:
+        raise ConfigError(f"split.heldout_dialogue_share must be in [0, 1), got {share}")
+    by_char: dict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(dialogues):
+        by_char[d.character_id].append(i)
+    langs = {cid: c.language for cid, c in characters.items()}
+    held_chars = choose_heldout_characters(
+        {c: len(ix) for c, ix in by_char.items()}, langs, int(split_params.get("heldout_characters", 0)), seed
+    )
+    held_set = set(held_chars)
+    label: list[str] = ["train"] * len(dialogues)
+    for cid in sorted(by_char):
+        ix = by_char[cid]
+        if cid in held_set:
+            for i in ix:
+                label[i] = "heldout_characters"
+            continue
+        if len(ix) < 2 or share == 0.0:
+            continue
+        k = min(len(ix) - 1, max(1, round(share * len(ix))))
+        rng = random.Random(f"{seed}:{cid}")
+        for i in rng.sample(ix, k):
+            label[i] = "heldout_dialogues"
+    parts: dict[str, list[Dialogue]] = {s: [] for s in SPLITS}
+    for d, s in zip(dialogues, label, strict=True):
+        parts[s].append(d.model_copy(update={"split": s}))
+    before = {s: len(v) for s, v in parts.items()}
+    rng = random.Random(seed)
+    parts["train"] = _sample(parts["train"], int(split_params.get("max_train_dialogues", 0)), rng)
+    max_eval = int(split_params.get("max_eval_dialogues", 0))
+    for s in ("heldout_dialogues", "heldout_characters"):
+        parts[s] = _sample(parts[s], max_eval, rng)
+
+    def per_char(ds: list[Dialogue]) -> dict[str, int]:
+        return dict(sorted(Counter(d.character_id for d in ds).items()))
+
+    report = {
+        "in": len(dialogues),
+        "seed": seed,
+        "heldout_characters": [
+            {
+                "id": c,
+                "name": characters[c].name if c in characters else c,
+                "language": langs.get(c, ""),
+                "dialogues": len(by_char[c]),
+            }
+            for c in held_chars
+        ],
+        "before_caps": before,
+        "counts": {s: len(v) for s, v in parts.items()},
+        "dropped_by_caps": {s: before[s] - len(parts[s]) for s in SPLITS},
+        "languages": {s: dict(Counter(langs.get(d.character_id, "") for d in v)) for s, v in parts.items()},
+        "per_character": {s: per_char(v) for s, v in parts.items()},
+    }
+    return SplitResult(
+        train=parts["train"],
+        heldout_dialogues=parts["heldout_dialogues"],
+        heldout_characters=parts["heldout_characters"],
+        heldout_character_ids=held_chars,
+        report=report,
+    )
+
+
+def split_dir(params: dict[str, Any]) -> SplitResult:
+    """The ``troupe data split`` step: ``paths.validated`` -> ``paths.splits`` (files in the module docstring).
+
+    Raises:
+        ContractError: missing / malformed validated files.
+        ConfigError: missing ``split`` section or paths.
+    """
+    src, out = path_of(params, "validated"), path_of(params, "splits")
+    characters = load_characters(src / "characters.jsonl")
+    dialogues = read_jsonl(src / "dialogues.jsonl", Dialogue)
+    res = split_dialogues(dialogues, characters, section(params, "split"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        write_jsonl(out / f"{s}.jsonl", getattr(res, s))
+    write_jsonl(out / "characters.jsonl", characters.values())
+    (out / "split_report.json").write_text(
+        json.dumps(res.report, ensure_ascii=False, indent=2), encoding="utf-8"
+    )
+    return res

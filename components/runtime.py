@@ -132,6 +132,31 @@ def train_step(
     return target
 
 
+def train_step_artifacts(
+    step: str,
+    params_yaml: str,
+    inputs: dict[str, Any],
+    model: Any,
+    kubernetes: bool,
+    shared_root: str,
+    namespace: str = "default",
+) -> str:
+    """:func:`train_step` for a train component: input artifacts in, ``<step>_model`` artifact out.
+
+    Resolves each input artifact (``paths.<key>`` -> :func:`resolve`), writes the output to ``model``
+    (a KFP ``Output[Model]``) and records where it went in ``model.metadata["location"]``.
+
+    Returns:
+        the directory that holds the step's output.
+    """
+    paths = {k: resolve(a.path) for k, a in inputs.items()}
+    where = train_step(
+        step, params_yaml, paths, f"{step}_model", model.path, kubernetes, shared_root, namespace
+    )
+    model.metadata["location"] = where
+    return where
+
+
 def numeric_items(d: Any, prefix: str = "") -> dict[str, float]:
     """Flatten nested dicts to ``a.b -> float`` for every int/float leaf (bools excluded)."""
     out: dict[str, float] = {}

@@ -132,13 +132,10 @@ def train_sft(
     rayjob_namespace: str = "default",
 ):
     """``troupe train sft`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
-    from components.runtime import resolve, train_step
+    from components.runtime import train_step_artifacts
 
-    paths = {"splits": resolve(splits.path), "base_model": resolve(base_model.path)}
-    where = train_step(
-        "sft", params_yaml, paths, "sft_model", sft_model.path, kubernetes, shared_root, rayjob_namespace
-    )
-    sft_model.metadata["location"] = where
+    inputs = {"splits": splits, "base_model": base_model}
+    train_step_artifacts("sft", params_yaml, inputs, sft_model, kubernetes, shared_root, rayjob_namespace)
 
 
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
@@ -172,13 +169,10 @@ def train_dpo(
     rayjob_namespace: str = "default",
 ):
     """``troupe train dpo`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
-    from components.runtime import resolve, train_step
+    from components.runtime import train_step_artifacts
 
-    paths = {"pairs": resolve(pairs.path), "sft_model": resolve(sft_model.path)}
-    where = train_step(
-        "dpo", params_yaml, paths, "dpo_model", dpo_model.path, kubernetes, shared_root, rayjob_namespace
-    )
-    dpo_model.metadata["location"] = where
+    inputs = {"pairs": pairs, "sft_model": sft_model}
+    train_step_artifacts("dpo", params_yaml, inputs, dpo_model, kubernetes, shared_root, rayjob_namespace)
 
 
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)

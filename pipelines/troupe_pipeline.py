@@ -147,68 +147,43 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
             ).set_display_name("resolve params")
         )
         p = cfg.output
-        imp = place(
-            steps.data_import(params_yaml=p, data_repo=data_repo, data_rev=data_rev, dvc_remote=dvc_remote)
-        ).set_display_name("data import")
-        val = place(steps.data_validate(params_yaml=p, imported=imp.outputs["imported"])).set_display_name(
-            "data validate"
-        )
-        spl = place(steps.data_split(params_yaml=p, validated=val.outputs["validated"])).set_display_name(
-            "data split"
-        )
-        base = place(steps.model_prepare(params_yaml=p), heavy=True).set_display_name("model prepare")
-        sft = place(
-            steps.train_sft(
-                params_yaml=p,
-                splits=spl.outputs["splits"],
-                base_model=base.outputs["base_model"],
+
+        def step(component, name: str, heavy: bool = False, **inputs) -> dsl.PipelineTask:
+            """``component(params_yaml=p, **inputs)``, placed and named ``name``."""
+            return place(component(params_yaml=p, **inputs), heavy=heavy).set_display_name(name)
+
+        def train(component, name: str, **inputs) -> dsl.PipelineTask:
+            """A train step that may go to a KubeRay RayJob (in-process off Kubernetes)."""
+            return step(
+                component,
+                name,
                 kubernetes=on_k8s,
                 shared_root=shared_root,
                 rayjob_namespace=rayjob_ns,
+                **inputs,
             )
-        ).set_display_name("train sft")
-        pairs = place(
-            steps.train_pairs(
-                params_yaml=p,
-                splits=spl.outputs["splits"],
-                sft_model=sft.outputs["sft_model"],
-                base_model=base.outputs["base_model"],
-            ),
-            heavy=True,
-        ).set_display_name("train pairs")
-        dpo = place(
-            steps.train_dpo(
-                params_yaml=p,
-                pairs=pairs.outputs["pairs"],
-                sft_model=sft.outputs["sft_model"],
-                kubernetes=on_k8s,
-                shared_root=shared_root,
-                rayjob_namespace=rayjob_ns,
-            )
-        ).set_display_name("train dpo")
-        ev = place(
-            steps.evaluate(
-                params_yaml=p,
-                splits=spl.outputs["splits"],
-                base_model=base.outputs["base_model"],
-                sft_model=sft.outputs["sft_model"],
-                dpo_model=dpo.outputs["dpo_model"],
-            ),
-            heavy=True,
-        ).set_display_name("evaluate")
-        reg = place(
-            steps.registry_register(
-                params_yaml=p, eval_dir=ev.outputs["eval_dir"], dpo_model=dpo.outputs["dpo_model"]
-            )
-        ).set_display_name("registry register")
+
+        imp = step(
+            steps.data_import, "data import", data_repo=data_repo, data_rev=data_rev, dvc_remote=dvc_remote
+        )
+        val = step(steps.data_validate, "data validate", imported=imp.outputs["imported"])
+        spl = step(steps.data_split, "data split", validated=val.outputs["validated"])
+        base = step(steps.model_prepare, "model prepare", heavy=True)
+        splits, base_model = spl.outputs["splits"], base.outputs["base_model"]
+        sft = train(steps.train_sft, "train sft", splits=splits, base_model=base_model)
+        sft_model = sft.outputs["sft_model"]
+        # train pairs and evaluate both read the splits and the base and SFT models
+        on_models = {"splits": splits, "base_model": base_model, "sft_model": sft_model}
+        pairs = step(steps.train_pairs, "train pairs", heavy=True, **on_models)
+        dpo = train(steps.train_dpo, "train dpo", pairs=pairs.outputs["pairs"], sft_model=sft_model)
+        dpo_model = dpo.outputs["dpo_model"]
+        ev = step(steps.evaluate, "evaluate", heavy=True, dpo_model=dpo_model, **on_models)
+        reg = step(
+            steps.registry_register, "registry register", eval_dir=ev.outputs["eval_dir"], dpo_model=dpo_model
+        )
         with dsl.If(reg.outputs["Output"] == True, name="gate passed"):  # noqa: E712 (KFP condition syntax)
-            place(
-                steps.deploy(
-                    params_yaml=p,
-                    registry=reg.outputs["registry"],
-                    dpo_model=dpo.outputs["dpo_model"],
-                    env=deploy_env,
-                )
-            ).set_display_name("deploy")
+            step(
+                steps.deploy, "deploy", registry=reg.outputs["registry"], dpo_model=dpo_model, env=deploy_env
+            )
 
     return troupe_pipeline

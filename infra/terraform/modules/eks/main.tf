@@ -72,19 +72,24 @@ variable "tags" {
 
 data "aws_partition" "current" {}
 
-data "aws_iam_policy_document" "cluster_assume" {
+# Who may assume the cluster role (the EKS service) and the node role (EC2).
+data "aws_iam_policy_document" "assume" {
+  for_each = {
+    cluster = { service = "eks.amazonaws.com", actions = ["sts:AssumeRole", "sts:TagSession"] }
+    node    = { service = "ec2.amazonaws.com", actions = ["sts:AssumeRole"] }
+  }
   statement {
-    actions = ["sts:AssumeRole", "sts:TagSession"]
+    actions = each.value.actions
     principals {
       type        = "Service"
-      identifiers = ["eks.amazonaws.com"]
+      identifiers = [each.value.service]
     }
   }
 }
 
 resource "aws_iam_role" "cluster" {
   name               = "${var.name}-eks-cluster"
-  assume_role_policy = data.aws_iam_policy_document.cluster_assume.json
+  assume_role_policy = data.aws_iam_policy_document.assume["cluster"].json
   tags               = var.tags
 }
 
@@ -93,27 +98,11 @@ resource "aws_iam_role_policy_attachment" "cluster" {
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/AmazonEKSClusterPolicy"
 }
 
-resource "aws_kms_key" "eks" {
-  description         = "${var.name} EKS secrets"
-  enable_key_rotation = true
-  tags                = var.tags
+module "kms" {
+  source      = "../kms"
+  description = "${var.name} EKS secrets"
+  tags        = var.tags
 }
-
-resource "aws_kms_key_policy" "eks" {
-  key_id = aws_kms_key.eks.id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [{
-      Sid       = "Account"
-      Effect    = "Allow"
-      Principal = { AWS = "arn:${data.aws_partition.current.partition}:iam::${data.aws_caller_identity.current.account_id}:root" }
-      Action    = "kms:*"
-      Resource  = "*"
-    }]
-  })
-}
-
-data "aws_caller_identity" "current" {}
 
 resource "aws_security_group" "cluster" {
   name        = "${var.name}-eks-cluster"
@@ -158,7 +147,7 @@ resource "aws_eks_cluster" "this" {
   encryption_config {
     resources = ["secrets"]
     provider {
-      key_arn = aws_kms_key.eks.arn
+      key_arn = module.kms.arn
     }
   }
 
@@ -189,19 +178,9 @@ resource "aws_iam_openid_connect_provider" "this" {
   tags            = var.tags
 }
 
-data "aws_iam_policy_document" "node_assume" {
-  statement {
-    actions = ["sts:AssumeRole"]
-    principals {
-      type        = "Service"
-      identifiers = ["ec2.amazonaws.com"]
-    }
-  }
-}
-
 resource "aws_iam_role" "node" {
   name               = "${var.name}-eks-node"
-  assume_role_policy = data.aws_iam_policy_document.node_assume.json
+  assume_role_policy = data.aws_iam_policy_document.assume["node"].json
   tags               = var.tags
 }
 
@@ -251,46 +230,32 @@ resource "aws_launch_template" "node" {
   tags = var.tags
 }
 
-resource "aws_eks_node_group" "system" {
+# System and CPU node groups: one shape, sized by var.system_nodes / var.cpu_nodes; only the system
+# group keeps everything but critical add-ons away.
+resource "aws_eks_node_group" "pool" {
+  for_each        = { system = var.system_nodes, cpu = var.cpu_nodes }
   cluster_name    = aws_eks_cluster.this.name
-  node_group_name = "system"
+  node_group_name = each.key
   node_role_arn   = aws_iam_role.node.arn
   subnet_ids      = var.subnet_ids
-  instance_types  = [var.system_nodes.instance_type]
-  labels          = { "troupe.ai/pool" = "system" }
+  instance_types  = [each.value.instance_type]
+  labels          = { "troupe.ai/pool" = each.key }
   launch_template {
-    id      = aws_launch_template.node["system"].id
-    version = aws_launch_template.node["system"].latest_version
+    id      = aws_launch_template.node[each.key].id
+    version = aws_launch_template.node[each.key].latest_version
   }
   scaling_config {
-    min_size     = var.system_nodes.min
-    desired_size = var.system_nodes.desired
-    max_size     = var.system_nodes.max
+    min_size     = each.value.min
+    desired_size = each.value.desired
+    max_size     = each.value.max
   }
-  taint {
-    key    = "CriticalAddonsOnly"
-    value  = "true"
-    effect = "PREFER_NO_SCHEDULE"
-  }
-  tags       = var.tags
-  depends_on = [aws_iam_role_policy_attachment.node]
-}
-
-resource "aws_eks_node_group" "cpu" {
-  cluster_name    = aws_eks_cluster.this.name
-  node_group_name = "cpu"
-  node_role_arn   = aws_iam_role.node.arn
-  subnet_ids      = var.subnet_ids
-  instance_types  = [var.cpu_nodes.instance_type]
-  labels          = { "troupe.ai/pool" = "cpu" }
-  launch_template {
-    id      = aws_launch_template.node["cpu"].id
-    version = aws_launch_template.node["cpu"].latest_version
-  }
-  scaling_config {
-    min_size     = var.cpu_nodes.min
-    desired_size = var.cpu_nodes.desired
-    max_size     = var.cpu_nodes.max
+  dynamic "taint" {
+    for_each = each.key == "system" ? [1] : []
+    content {
+      key    = "CriticalAddonsOnly"
+      value  = "true"
+      effect = "PREFER_NO_SCHEDULE"
+    }
   }
   tags       = var.tags
   depends_on = [aws_iam_role_policy_attachment.node]

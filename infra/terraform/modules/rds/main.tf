@@ -57,27 +57,11 @@ variable "tags" {
   default     = {}
 }
 
-resource "aws_kms_key" "rds" {
-  description         = "${var.name} MLflow database"
-  enable_key_rotation = true
-  tags                = var.tags
+module "kms" {
+  source      = "../kms"
+  description = "${var.name} MLflow database"
+  tags        = var.tags
 }
-
-resource "aws_kms_key_policy" "rds" {
-  key_id = aws_kms_key.rds.id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [{
-      Sid       = "Account"
-      Effect    = "Allow"
-      Principal = { AWS = "arn:aws:iam::${data.aws_caller_identity.current.account_id}:root" }
-      Action    = "kms:*"
-      Resource  = "*"
-    }]
-  })
-}
-
-data "aws_caller_identity" "current" {}
 
 resource "aws_db_subnet_group" "this" {
   name       = "${var.name}-mlflow"
@@ -151,7 +135,7 @@ resource "aws_db_instance" "this" {
   max_allocated_storage                 = var.allocated_storage * 4
   storage_type                          = "gp3"
   storage_encrypted                     = true
-  kms_key_id                            = aws_kms_key.rds.arn
+  kms_key_id                            = module.kms.arn
   db_name                               = "mlflow"
   username                              = "mlflow"
   manage_master_user_password           = true
@@ -171,7 +155,7 @@ resource "aws_db_instance" "this" {
   monitoring_interval                   = 60
   monitoring_role_arn                   = aws_iam_role.monitoring.arn
   performance_insights_enabled          = true
-  performance_insights_kms_key_id       = aws_kms_key.rds.arn
+  performance_insights_kms_key_id       = module.kms.arn
   performance_insights_retention_period = 7
   tags                                  = var.tags
 }

@@ -28,33 +28,17 @@ locals {
   buckets = toset(["dvc", "mlflow-artifacts", "checkpoints"])
 }
 
-resource "aws_kms_key" "s3" {
-  description         = "${var.name} S3 buckets"
-  enable_key_rotation = true
-  tags                = var.tags
+module "kms" {
+  source      = "../kms"
+  description = "${var.name} S3 buckets"
+  tags        = var.tags
 }
-
-resource "aws_kms_key_policy" "s3" {
-  key_id = aws_kms_key.s3.id
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [{
-      Sid       = "Account"
-      Effect    = "Allow"
-      Principal = { AWS = "arn:aws:iam::${data.aws_caller_identity.current.account_id}:root" }
-      Action    = "kms:*"
-      Resource  = "*"
-    }]
-  })
-}
-
-data "aws_caller_identity" "current" {}
 
 # Access logs of the data buckets.
 module "logs" {
   source        = "./bucket"
   bucket        = "${var.name}-access-logs"
-  kms_key_arn   = aws_kms_key.s3.arn
+  kms_key_arn   = module.kms.arn
   log_bucket    = ""
   force_destroy = var.force_destroy
   tags          = var.tags
@@ -64,7 +48,7 @@ module "bucket" {
   source          = "./bucket"
   for_each        = local.buckets
   bucket          = "${var.name}-${each.key}"
-  kms_key_arn     = aws_kms_key.s3.arn
+  kms_key_arn     = module.kms.arn
   log_bucket      = module.logs.id
   noncurrent_days = var.noncurrent_days
   force_destroy   = var.force_destroy
@@ -83,5 +67,5 @@ output "bucket_arns" {
 
 output "kms_key_arn" {
   description = "KMS key encrypting the buckets (IRSA roles need kms:Decrypt/GenerateDataKey)."
-  value       = aws_kms_key.s3.arn
+  value       = module.kms.arn
 }

@@ -17,9 +17,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO, free_port
+from safetensors.torch import load_file
 
 # small enough for CI: a few optimizer steps, a handful of pairs, 2 dialogues per eval split
 OVERRIDES = {
@@ -64,19 +63,38 @@ def pipeline_repo(tmp_path_factory, mlflow_server):
     params["serve"]["port"] = port
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     # the tiny random model cannot pass quality thresholds; the gate still runs on the same metrics
-    (repo / "configs" / "gate_policy.yaml").write_text(yaml.safe_dump({
-        "candidate": "dpo",
-        "absolute": {"heldout_characters.markup_validity": {"min": 0.0}, "heldout_dialogues.replies": {"min": 1}},
-        "no_regression": {"max_regression": 1.0, "metrics": ["heldout_characters.markup_validity"]},
-    }))
-    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu",
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", RAY_SERVE_HTTP_PORT=str(port))
+    (repo / "configs" / "gate_policy.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "candidate": "dpo",
+                "absolute": {
+                    "heldout_characters.markup_validity": {"min": 0.0},
+                    "heldout_dialogues.replies": {"min": 1},
+                },
+                "no_regression": {"max_regression": 1.0, "metrics": ["heldout_characters.markup_validity"]},
+            }
+        )
+    )
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=mlflow_server,
+        HF_HUB_OFFLINE="1",
+        DS_ACCELERATOR="cpu",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        RAY_SERVE_HTTP_PORT=str(port),
+    )
     env.pop("RAY_ADDRESS", None)
     # `troupe deploy` joins the machine's running Ray cluster if any; start from none so the app
     # below is this test's own (on a CI machine nothing is running)
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    for cmd in (["git", "init", "-q"], ["git", "config", "user.email", "t@t"], ["git", "config", "user.name", "t"],
-                [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@t"],
+        ["git", "config", "user.name", "t"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "init"],
+    ):
         _run(cmd, repo, env)
     log = _run([sys.executable, "-m", "dvc", "repro"], repo, env, timeout=2400)
     yield repo, env, log, port, params
@@ -90,7 +108,9 @@ def test_repro_produces_every_stage_output(pipeline_repo):
     assert rep["in"] == rep["accepted"] + rep["quarantined"] and rep["accepted"] > 0
     assert (w / "validated" / "data_docs" / "index.html").is_file()
     train_chars = {json.loads(line)["character_id"] for line in (w / "splits" / "train.jsonl").open()}
-    held_chars = {json.loads(line)["character_id"] for line in (w / "splits" / "heldout_characters.jsonl").open()}
+    held_chars = {
+        json.loads(line)["character_id"] for line in (w / "splits" / "heldout_characters.jsonl").open()
+    }
     assert held_chars and not (train_chars & held_chars)
     # SFT and DPO trained for real under Ray with ZeRO-3: weights moved, losses logged per step
     base = load_file(w / "models" / "base" / "model.safetensors")
@@ -105,7 +125,9 @@ def test_repro_produces_every_stage_output(pipeline_repo):
     assert set(metrics) == {"base", "sft", "dpo"}
     for m in metrics.values():
         assert set(m) == {"heldout_characters", "heldout_dialogues"}
-        assert {"language_consistency", "markup_validity", "distinct_2", "rouge_l", "loss"} <= set(m["heldout_dialogues"])
+        assert {"language_consistency", "markup_validity", "distinct_2", "rouge_l", "loss"} <= set(
+            m["heldout_dialogues"]
+        )
     assert "LLM judge: not measured" in (w / "eval" / "report.html").read_text()
     assert json.loads((w / "registry" / "decision.json").read_text())["passed"] is True
 
@@ -116,7 +138,9 @@ def test_mlflow_run_tree_and_registered_version(pipeline_repo, mlflow_server):
     runs = client.search_runs([exp.experiment_id], max_results=200)
     parents = [r for r in runs if r.data.tags.get("troupe.role") == "pipeline"]
     assert len(parents) == 1
-    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    children = {
+        r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
     assert {"sft", "dpo", "evaluate", "register"} <= children
     mv = client.get_model_version_by_alias("troupe-roleplay", "challenger")
     assert mv.tags["troupe.gate"] == "passed"
@@ -136,8 +160,11 @@ def test_deployed_test_environment_answers_openai_client(pipeline_repo):
     assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
     import httpx
 
-    rp = httpx.post(f"http://127.0.0.1:{port}/test/v1/roleplay", timeout=120,
-                    json={"character_id": char, "conversation_id": "c1", "messages": [{"role": "user", "content": "hi"}]})
+    rp = httpx.post(
+        f"http://127.0.0.1:{port}/test/v1/roleplay",
+        timeout=120,
+        json={"character_id": char, "conversation_id": "c1", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert rp.status_code == 200 and {"text", "emotion", "images", "messages"} <= set(rp.json())
 
 

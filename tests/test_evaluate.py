@@ -1,0 +1,110 @@
+"""Evaluation metrics on crafted replies, and the LLM judge over HTTP.
+
+The judge endpoint is a small OpenAI-compatible HTTP server on loopback standing in for a real LLM
+judge (no model API is reachable here); the real `openai` client talks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from troupe.config import ConfigError
+from troupe.contract import Character
+from troupe.evaluate import distinct_n, judge_scores, score_replies
+
+CHARS = {
+    "max": Character(id="max", name="Max", language="en"),
+    "lin": Character(id="lin", name="林", language="zh"),
+}
+
+
+def _s(cid, did, reply, ref="We fly at dawn, want to come along?"):
+    return {"character_id": cid, "dialogue_id": did, "reply": reply, "reference": ref, "context": []}
+
+
+def test_rule_metrics_count_each_violation():
+    samples = [
+        _s("max", "d1", "We fly at dawn, want to come along?<emotion>happy</emotion>"),  # perfect copy
+        _s("max", "d1", "We fly at dawn, want to come along?"),  # repeats the previous reply of d1
+        _s("max", "d2", "As an AI, I do not fly planes."),  # leakage
+        _s("max", "d3", "Max: sure thing<emotion>joy</emotion>"),  # name prefix + bad markup
+        _s("lin", "d4", "今天的花很好看呢，要不要来看看？", ref="今天的花很好看呢，要不要来看看？"),
+    ]
+    m = score_replies(samples, CHARS)
+    assert m["replies"] == 5
+    assert m["assistant_leakage"] == pytest.approx(1 / 5)
+    assert m["name_prefix"] == pytest.approx(1 / 5)
+    assert m["markup_validity"] == pytest.approx(4 / 5)
+    assert m["self_repetition"] == pytest.approx(1 / 5)
+    assert m["language_consistency"] == 1.0
+    assert 0 < m["rouge_l"] < 1 and m["bleu"] > 0
+    wrong_lang = score_replies([_s("lin", "d5", "Sure, the flowers are lovely today, come see them!")], CHARS)
+    assert wrong_lang["language_consistency"] == 0.0
+
+
+def test_distinct_n():
+    assert distinct_n([["a", "b", "a", "b"]], 2) == pytest.approx(2 / 3)
+    assert distinct_n([["a"]], 2) == 0.0
+
+
+class _Judge(BaseHTTPRequestHandler):
+    answer = json.dumps({"human_likeness": 7, "purposefulness": 5, "consistency": 9, "engagement": 6})
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server API)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Judge.seen.append((self.path, self.headers.get("Authorization"), body))
+        out = {
+            "id": "x",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": _Judge.answer},
+                }
+            ],
+        }
+        data = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture()
+def judge_url():
+    srv = HTTPServer(("127.0.0.1", 0), _Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}/v1"
+    srv.shutdown()
+
+
+def test_judge_scores_over_openai_compatible_http(judge_url, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    cfg = {"endpoint": judge_url, "model": "judge-1", "api_key_env": "JUDGE_KEY"}
+    scores = judge_scores([_s("max", "d1", "hi"), _s("max", "d2", "yo")], CHARS, cfg)
+    assert scores == {
+        "judge_human_likeness": 7,
+        "judge_purposefulness": 5,
+        "judge_consistency": 9,
+        "judge_engagement": 6,
+    }
+    path, auth, body = _Judge.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-1"
+    monkeypatch.setattr(_Judge, "answer", "I think it is good")
+    with pytest.raises(ConfigError, match="not JSON"):
+        judge_scores([_s("max", "d1", "hi")], CHARS, cfg)
+    monkeypatch.delenv("JUDGE_KEY")
+    with pytest.raises(ConfigError, match="JUDGE_KEY"):
+        judge_scores([_s("max", "d1", "hi")], CHARS, cfg)

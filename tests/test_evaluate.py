@@ -108,3 +108,13 @@ def test_judge_scores_over_openai_compatible_http(judge_url, monkeypatch):
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(ConfigError, match="JUDGE_KEY"):
         judge_scores([_s("max", "d1", "hi")], CHARS, cfg)
+
+
+def test_truncated_replies_are_not_judged_on_markup():
+    cut = _s("max", "d1", "We fly at dawn<emot")
+    cut["finished"] = False
+    done = _s("max", "d2", "We fly at dawn.<emotion>happy</emotion>")
+    m = score_replies([cut, done], CHARS)
+    assert m["truncated"] == 0.5 and m["markup_validity"] == 1.0
+    broken = _s("max", "d3", "We fly at dawn<emotion>happy")
+    assert score_replies([cut, broken], CHARS)["markup_validity"] == 0.0

@@ -254,6 +254,35 @@ def first_character(base_url: str, api_key: str | None) -> str:
     return data[0]["id"]
 
 
+def check_model_uri(uri: str, tracking_uri: str | None, params: dict[str, Any]) -> None:
+    """Fail before touching the cluster when ``models:/name@alias`` names no version.
+
+    Raises:
+        ConfigError: the alias is unset (for ``challenger``: the gate did not pass; the message points
+            at ``paths.registry/gate.md``), or a local model directory does not exist.
+    """
+    if not uri.startswith("models:/"):
+        if not Path(uri).is_dir():
+            raise ConfigError(f"{uri}: model directory not found (--model-uri)")
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/") :]
+    if "@" not in ref:
+        return
+    name, alias = ref.split("@", 1)
+    try:
+        mlflow.MlflowClient(tracking_uri or None).get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        gate = Path(params.get("paths", {}).get("registry", "work/registry")) / "gate.md"
+        hint = f"; the gate decision is in {gate}" if gate.is_file() else ""
+        raise ConfigError(
+            f"{uri}: no version of {name!r} has alias {alias!r} (the gate did not pass or `troupe registry "
+            f"register` has not run{hint}); deploy another version with --model-uri models:/{name}/<version>"
+        ) from e
+
+
 @click.command("deploy")
 @click.option("--env", type=click.Choice(["test", "production"]), default=None, help="default: serve.env")
 @click.option("--model-uri", default=None, help="local checkpoint dir or models:/name@alias (default: alias)")
@@ -265,10 +294,13 @@ def deploy_cmd(params: dict, env: str | None, model_uri: str | None, address: st
     env = env or s.get("env", "test")
     host, port = s.get("host", "127.0.0.1"), int(s.get("port", 8000))
     app = app_config(env, params, model_uri=model_uri)
-    connect(address)
-    click.echo(
-        f"[deploy] {app['name']} at http://{host}:{port}{app['route_prefix']} ({app['args'].get('stable_model_uri') or 'models:/' + app['args']['model_name'] + '@' + app['args']['stable_alias']})"
+    uri = (
+        app["args"].get("stable_model_uri")
+        or f"models:/{app['args']['model_name']}@{app['args']['stable_alias']}"
     )
+    check_model_uri(uri, app["args"].get("mlflow_tracking_uri"), params)
+    connect(address)
+    click.echo(f"[deploy] {app['name']} at http://{host}:{port}{app['route_prefix']} ({uri})")
     apply_apps([app], host, port)
     base = f"http://{host}:{port}{app['route_prefix']}/v1"
     key = os.environ.get("TROUPE_API_KEY")

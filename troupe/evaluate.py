@@ -5,7 +5,9 @@ each model generates a reply greedily; replies are scored with the automatic rol
 :mod:`troupe.checks` and against the reference:
 
 * ``language_consistency``  share of replies in the character's configured language
-* ``markup_validity``       share of replies whose markup parses (:mod:`troupe.markup`)
+* ``markup_validity``       share of finished replies whose markup parses (:mod:`troupe.markup`); a
+                            reply cut by ``eval.max_new_tokens`` is not judged on markup
+* ``truncated``             share of replies cut by the generation budget (lower is better)
 * ``assistant_leakage``     share containing a blacklisted assistant phrase (lower is better)
 * ``name_prefix``           share starting with "Name:" (lower is better)
 * ``stage_direction``       share narrating actions ``*...*`` / ``（...）`` (lower is better)
@@ -48,6 +50,7 @@ MODEL_PATH_KEYS = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
 #: metrics where lower is better (used by the report and the gate)
 LOWER_IS_BETTER = frozenset(
     {
+        "truncated",
         "empty_reply",
         "assistant_leakage",
         "name_prefix",
@@ -115,7 +118,8 @@ def character_nll(model, tokenizer, dialogues: list[Dialogue], chars: dict[str, 
 
 
 def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) -> dict[str, float]:
-    """Aggregate metrics for a list of sample dicts (keys character_id, dialogue_id, reply, reference)."""
+    """Aggregate metrics for a list of sample dicts (keys character_id, dialogue_id, reply, reference and
+    optionally ``finished``: False when generation hit the token budget)."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -132,7 +136,10 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
         c = chars[s["character_id"]]
         chk = check_reply(s["reply"], character_name=c.name, language=c.language)
         agg["language_consistency"] += chk.language_ok
-        agg["markup_validity"] += chk.markup_valid
+        done = s.get("finished", True)
+        agg["truncated"] += not done
+        agg["_finished"] += done
+        agg["markup_validity"] += done and chk.markup_valid
         agg["assistant_leakage"] += chk.assistant_phrase is not None
         agg["name_prefix"] += chk.name_prefix
         agg["stage_direction"] += chk.stage_direction
@@ -148,7 +155,9 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
         rouge += scorer.score(" ".join(ru), " ".join(u))["rougeL"].fmeasure if u and ru else 0.0
         hyps[c.language].append(text)
         refs[c.language].append(ref)
+    finished = agg.pop("_finished")
     out = {k: v / n for k, v in agg.items()}
+    out["markup_validity"] = agg["markup_validity"] / finished if finished else 0.0
     out["distinct_2"] = distinct_n(units, 2)
     out["rouge_l"] = rouge / n
     bleu_num = 0.0
@@ -216,12 +225,14 @@ def evaluate_model(
     for split, dialogues in split_dialogues.items():
         ctx = eval_contexts(dialogues, 0)
         prompts = [prompt_text(tok, d.messages[:i], chars[d.character_id]) for d, i in ctx]
+        done: list[bool] = []
         replies = generate(
             model,
             tok,
             prompts,
             max_new_tokens=int(cfg.get("max_new_tokens", 48)),
             desc=f"eval/{name}/{split}",
+            finished=done,
         )
         ss = [
             {
@@ -233,8 +244,9 @@ def evaluate_model(
                 "context": [m.model_dump(exclude_none=True) for m in d.messages[:i]],
                 "reply": r,
                 "reference": d.messages[i].content,
+                "finished": f,
             }
-            for (d, i), r in zip(ctx, replies, strict=True)
+            for (d, i), r, f in zip(ctx, replies, done, strict=True)
         ]
         m = score_replies(ss, chars)
         nll, count = character_nll(model, tok, dialogues, chars, cutoff_len)

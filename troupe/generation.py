@@ -16,6 +16,7 @@ def generate(
     batch_size: int = 8,
     seed: int = 0,
     desc: str = "generate",
+    finished: list[bool] | None = None,
 ) -> list[str]:
     """Continue each prompt (already chat-templated text) and return the decoded new text.
 
@@ -23,6 +24,9 @@ def generate(
         prompts: N prompt strings ending with the assistant header.
         temperature: 0 = greedy; > 0 samples (top_p 0.95).
         batch_size: prompts per forward batch (left padding).
+
+        finished: if given, one flag per prompt is appended: True when the reply ended with the
+            end-of-turn token within ``max_new_tokens`` (False = cut by the budget).
 
     Returns:
         N replies, special tokens stripped. Prints progress (done/N, tokens/s, ETA) per batch.
@@ -50,6 +54,8 @@ def generate(
             gen = model.generate(**enc, **kw)
         new = gen[:, enc["input_ids"].shape[1] :]
         new_tokens += int((new != tokenizer.pad_token_id).sum())
+        if finished is not None:
+            finished.extend(bool((row == tokenizer.eos_token_id).any()) for row in new)
         out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
         el = time.time() - t0
         done = len(out)

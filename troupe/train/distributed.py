@@ -79,7 +79,9 @@ def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
         ddp_backend=backend,
         bf16=not cpu,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if int(train.get("checkpoint_every", 0)) > 0 else "no",
+        save_steps=max(int(train.get("checkpoint_every", 0)), 1),
+        save_total_limit=1,
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -180,15 +182,23 @@ def _ray_init(num_cpus: int | None = None) -> None:
     else:
         # address="local": a fresh cluster for this job, never the long-lived serving cluster that
         # `troupe deploy` leaves running (its CPUs are taken by model replicas)
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
 
 
 def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, storage: str | Path):
     """Run ``loop(config)`` on ``train.num_workers`` Ray Train workers and return the ``ray.train.Result``.
 
     Connects to ``RAY_ADDRESS`` when set (KubeRay / ``ray start`` cluster), else starts a local cluster
-    sized to the workers. Failures of a worker are retried ``train.max_failures`` times (default 0).
+    sized to the workers. Ray Train storage (checkpoints) is ``$TROUPE_CHECKPOINT_URI``, else
+    ``train.checkpoint_uri`` (e.g. ``s3://bucket/checkpoints``), else ``storage``. A lost worker restarts
+    the worker group up to ``train.max_failures`` times (default 0); with ``train.checkpoint_every`` > 0
+    the restarted group resumes from the last reported checkpoint.
 
     Raises:
         ConfigError: unknown accelerator.
@@ -197,6 +207,7 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    storage = os.environ.get("TROUPE_CHECKPOINT_URI") or train.get("checkpoint_uri") or storage
     backend, ds_acc, resources = accelerator_spec(train.get("accelerator", "cpu"))
     os.environ.setdefault("DS_ACCELERATOR", ds_acc)
     n = int(train.get("num_workers", 2))
@@ -246,7 +257,58 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
         ],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
+    if int(cfg["train"].get("checkpoint_every", 0)) > 0:
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        trainer.add_callback(RayTrainReportCallback())  # each HF checkpoint -> Ray storage (local or S3)
+    if int(cfg["train"].get("fault_injection_step", 0)) > 0:
+        trainer.add_callback(_fault_injection_callback(cfg))
     return trainer
+
+
+def _fault_injection_callback(cfg: dict[str, Any]):
+    """Drill/test hook: the last rank SIGKILLs itself once at ``train.fault_injection_step``.
+
+    A marker file in the scratch dir makes it fire only on the first attempt, so the restarted
+    worker group (Ray Train ``FailureConfig``) resumes from the last checkpoint and finishes.
+    """
+    import signal
+
+    from transformers import TrainerCallback
+
+    step = int(cfg["train"]["fault_injection_step"])
+    marker = Path(cfg["scratch"]) / "fault-injected"
+
+    class FaultInjection(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            import ray.train
+
+            ctx = ray.train.get_context()
+            last = ctx.get_world_rank() == ctx.get_world_size() - 1
+            if state.global_step == step and last and not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"killed rank {ctx.get_world_rank()} at step {step}\n")
+                print(
+                    f"[{cfg['method']}] fault injection: killing rank {ctx.get_world_rank()} at step {step}",
+                    flush=True,
+                )
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return FaultInjection()
+
+
+def _resume_dir(cfg: dict[str, Any], rank: int) -> tuple[str | None, int | None]:
+    """(local HF checkpoint dir, its global step) of Ray Train's latest checkpoint, or (None, None)."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, None
+    local = Path(cfg["scratch"]) / f"resume-rank{rank}"
+    ckpt.to_directory(str(local))
+    d = local / "checkpoint"
+    state = json.loads((d / "trainer_state.json").read_text())
+    return str(d), int(state["global_step"])
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
@@ -260,7 +322,10 @@ def train_loop(cfg: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     join_deepspeed(cfg["train"])
     trainer = build_trainer(cfg, training_args_common(cfg["train"]))
-    result = trainer.train()
+    resume, resumed_step = _resume_dir(cfg, rank)
+    if resume:
+        print(f"[{cfg['method']}] resuming from checkpoint at step {resumed_step}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(cfg["out_dir"])
     if rank == 0:
         trainer.processing_class.save_pretrained(cfg["out_dir"])
@@ -272,6 +337,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
                     "train_runtime_s": result.metrics.get("train_runtime"),
                     "tokens_seen": trainer.state.num_input_tokens_seen,
                     "global_step": trainer.state.global_step,
+                    "resumed_from_step": resumed_step,
                 },
                 indent=1,
             )

@@ -112,8 +112,8 @@ class QuarantineRecord(BaseModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line_number, text)`` for non-blank lines of a UTF-8 file (1-based line numbers).
+def read_text(path: str | Path) -> str:
+    """Whole file as UTF-8 text (a leading BOM dropped): the one file reader of contract and importers.
 
     Raises:
         ContractError: the file is missing or not valid UTF-8 (names the file and byte offset).
@@ -125,7 +125,16 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ContractError(f"{p}: not UTF-8 (byte {e.start}: {e.reason})") from e
-    for i, line in enumerate(text.splitlines(), start=1):
+    return text.removeprefix("\ufeff")
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, text)`` for non-blank lines of a UTF-8 file (1-based line numbers).
+
+    Raises:
+        ContractError: the file is missing or not valid UTF-8 (names the file and byte offset).
+    """
+    for i, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             yield i, line
 

@@ -52,6 +52,7 @@ from troupe.contract import (
     QuarantineRecord,
     describe_error,
     iter_jsonl,
+    read_text,
     write_jsonl,
 )
 
@@ -179,22 +180,6 @@ class _Sink:
 
 
 # --------------------------------------------------------------------------------------- file reading
-
-
-def read_text(path: str | Path) -> str:
-    """Whole file as text (a leading BOM dropped).
-
-    Raises:
-        ContractError: the file is missing or not valid UTF-8 (names the file and byte offset).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ContractError(f"{p}: file not found")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ContractError(f"{p}: not UTF-8 (byte {e.start}: {e.reason})") from e
-    return text.removeprefix("\ufeff")
 
 
 def iter_json_records(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:

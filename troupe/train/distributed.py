@@ -228,6 +228,30 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
     return trainer.fit()
 
 
+def _shared_dataset(cfg: dict[str, Any]):
+    """The training examples as a ``datasets.Dataset`` all ranks read from one directory.
+
+    Under torch.distributed, rank 0 saves the examples to ``<scratch>/dataset`` and every rank loads
+    it after a barrier, so the cache files TRL writes while preprocessing (e.g. precomputed reference
+    log-probs, computed on the main process first) live in one place every rank can open; an
+    in-memory dataset keeps them in a per-process temp dir. ``scratch`` must be shared storage on a
+    multi-node cluster (the training chart mounts one volume on every pod).
+    """
+    import shutil
+
+    import torch.distributed as dist
+    from datasets import Dataset, load_from_disk
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return Dataset.from_list(cfg["examples"])
+    d = Path(cfg["scratch"]) / "dataset"
+    if dist.get_rank() == 0:
+        shutil.rmtree(d, ignore_errors=True)
+        Dataset.from_list(cfg["examples"]).save_to_disk(str(d))
+    dist.barrier()
+    return load_from_disk(str(d))
+
+
 def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     """A TRL trainer (SFT or DPO by ``cfg["method"]``) with Troupe's progress callback.
 
@@ -237,7 +261,6 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     """
     import importlib
 
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
@@ -248,7 +271,7 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=Dataset.from_list(cfg["examples"]),
+        train_dataset=_shared_dataset(cfg),
         processing_class=tok,
         callbacks=[
             make_progress_callback(

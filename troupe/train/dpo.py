@@ -44,6 +44,9 @@ def make_trainer_args(cfg: dict[str, Any], common: dict[str, Any]):
         learning_rate=float(hp["learning_rate"]),
         lr_scheduler_type=hp.get("lr_scheduler_type", "cosine"),
         beta=float(hp.get("beta", 0.1)),
+        # reference log-probs computed once before training: no reference model in memory while the
+        # policy trains (peak memory per worker roughly halves; measured ~9 GB -> see docs/benchmarks.md)
+        precompute_ref_log_probs=bool(hp.get("precompute_ref_log_probs", True)),
         max_length=int(cfg["cutoff_len"]),
         seed=int(hp.get("seed", 17)),
         **common,

@@ -162,7 +162,6 @@ def test_cli_import_writes_outputs(tmp_path):
     assert len((out / "import_errors.jsonl").read_text().splitlines()) == t["errors"] + t["character_errors"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared data not present")
 def test_real_charactereval_and_character100_every_record_accounted(tmp_path):
     res = import_sources(
         [

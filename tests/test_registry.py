@@ -84,6 +84,10 @@ def test_register_gate_promote_resolve(mlflow_server, tmp_path, tiny_model_dir, 
 
     local = resolve_model_dir(f"models:/{name}@champion", mlflow_server, cache_dir=tmp_path / "cache")
     assert (local / "config.json").is_file() and (local / "model.safetensors").is_file()
+    marker = local / "cached-marker"
+    marker.write_text("x")  # a second resolve must reuse the cache, not download again over it
+    assert resolve_model_dir(f"models:/{name}@champion", mlflow_server, cache_dir=tmp_path / "cache") == local
+    assert marker.is_file()
     with pytest.raises(ConfigError, match="nope"):
         resolve_model_dir(f"models:/{name}@nope", mlflow_server, cache_dir=tmp_path / "cache")
 

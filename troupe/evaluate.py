@@ -144,8 +144,8 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
         agg["name_prefix"] += chk.name_prefix
         agg["stage_direction"] += chk.stage_direction
         agg["length_ok"] += chk.length_ok
-        agg["empty_reply"] += not strip_markup(s["reply"]).strip()
         text, ref = strip_markup(s["reply"]), strip_markup(s["reference"])
+        agg["empty_reply"] += not text.strip()
         tri = _trigrams(text)
         agg["self_repetition"] += any(_jaccard(tri, t) >= 0.6 for t in seen[s["dialogue_id"]])
         seen[s["dialogue_id"]].append(tri)

@@ -240,12 +240,12 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: str 
     except MlflowException as e:
         raise ConfigError(f"{uri}: {e.message}") from e
     dst = Path(cache_dir or Path.home() / ".cache" / "troupe" / "models") / name / str(mv.version)
-    if not (dst / "config.json").is_file():
-        dst.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
-        inner = dst / "model"
-        if inner.is_dir():
-            return inner
+    # the artifact directory is named "model", so a download lands in <dst>/model
+    for local in (dst / "model", dst):
+        if (local / "config.json").is_file():
+            return local  # cached: no second download
+    dst.mkdir(parents=True, exist_ok=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
     return dst / "model" if (dst / "model" / "config.json").is_file() else dst
 
 

@@ -1,5 +1,6 @@
-"""Terraform (infra/terraform): every file parses, the env roots use the shared modules, and checkov
-reports no failed check (a skip must carry a written reason next to the resource).
+"""Terraform (infra/terraform): every file parses, the one platform root uses the shared modules, each
+environment is only a var file + backend config, and checkov reports no failed check with either
+environment's values (a skip must carry a written reason next to the resource).
 
 ``terraform validate`` needs the providers from registry.terraform.io, which this machine cannot
 reach; parsing with python-hcl2 and checkov's graph checks stand in for it. ``terraform fmt -check``
@@ -59,7 +60,10 @@ def parse(path: Path) -> dict[str, Any]:
 
 
 def test_there_is_terraform() -> None:
-    assert {p.parent.name for p in TF_FILES} >= MODULES | set(ENVS)
+    assert {p.parent.name for p in TF_FILES} >= MODULES
+    assert {"main.tf", "variables.tf", "outputs.tf"} <= {p.name for p in TF.glob("*.tf")}
+    for env in ENVS:
+        assert (TF / "envs" / f"{env}.tfvars").is_file() and (TF / "envs" / f"{env}.backend.hcl").is_file()
 
 
 @pytest.mark.parametrize("path", TF_FILES, ids=lambda p: str(p.relative_to(TF)))
@@ -70,17 +74,55 @@ def test_parses_and_documents_every_variable_and_output(path: Path) -> None:
             assert val(body.get("description")), f"{path}: {kind} {name} has no description"
 
 
-@pytest.mark.parametrize("env", ENVS)
-def test_env_roots_use_the_shared_modules(env: str) -> None:
-    doc = parse(TF / "envs" / env / "main.tf")
+def root() -> dict[str, Any]:
+    """The platform root's blocks (main.tf + variables.tf + outputs.tf) merged."""
+    doc: dict[str, Any] = {}
+    for name in ("main.tf", "variables.tf", "outputs.tf"):
+        for kind, items in parse(TF / name).items():
+            doc.setdefault(kind, []).extend(items)
+    return doc
+
+
+def load_tfvars(env: str) -> dict[str, Any]:
+    """``envs/<env>.tfvars`` as ``{variable: value}`` (hcl2's ``__comments__`` entries dropped)."""
+    doc = parse(TF / "envs" / f"{env}.tfvars")
+    return {k: val(v) for k, v in doc.items() if not k.startswith("__")}
+
+
+def test_root_uses_the_shared_modules() -> None:
+    doc = root()
     mods = blocks(doc, "module")
     assert set(mods) == MODULES
     for name, body in mods.items():
         source = val(body["source"])
-        assert source == f"../../modules/{name}", "local modules only (no registry downloads)"
-        assert (TF / "envs" / env / source).resolve().is_dir()
+        assert source == f"./modules/{name}", "local modules only (no registry downloads)"
+        assert (TF / source).resolve().is_dir()
     outputs = blocks(doc, "output")
     assert {"training_role_arn", "serving_role_arn", "mlflow_role_arn", "checkpoints_bucket"} <= set(outputs)
+    # the environment is a variable, never a literal: nothing in the root is test- or prod-specific
+    main = (TF / "main.tf").read_text()
+    assert not re.search(r"troupe-(test|prod)|10\.(20|30)\.0\.0", main)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_env_is_a_var_file_over_declared_variables(env: str) -> None:
+    variables = blocks(root(), "variable")
+    tfvars = load_tfvars(env)
+    assert set(tfvars) <= set(variables), f"{env}.tfvars sets undeclared {set(tfvars) - set(variables)}"
+    required = {n for n, body in variables.items() if "default" not in body}
+    assert required <= set(tfvars), f"{env}.tfvars misses required {required - set(tfvars)}"
+    assert tfvars["env"] == env
+    backend = (TF / "envs" / f"{env}.backend.hcl").read_text()
+    assert f'key     = "troupe/{env}/terraform.tfstate"' in backend
+
+
+def test_defaults_are_production_safe_and_test_relaxes_them() -> None:
+    variables = blocks(root(), "variable")
+    assert val(variables["db_deletion_protection"]["default"]) is True
+    assert val(variables["db_multi_az"]["default"]) is True
+    assert val(variables["force_destroy_buckets"]["default"]) is False
+    test = load_tfvars("test")
+    assert test["db_deletion_protection"] is False and test["force_destroy_buckets"] is True
 
 
 def test_gpu_node_groups_are_tainted_and_efa_capable() -> None:
@@ -90,8 +132,8 @@ def test_gpu_node_groups_are_tainted_and_efa_capable() -> None:
     assert val(taint["key"]) == "nvidia.com/gpu" and val(taint["effect"]) == "NO_SCHEDULE"
     text = (TF / "modules" / "eks" / "main.tf").read_text()
     assert 'interface_type     = "efa"' in text
-    prod = (TF / "envs" / "prod" / "main.tf").read_text()
-    assert "p4d.24xlarge" in prod and "p5.48xlarge" in prod
+    gpu_default = (TF / "variables.tf").read_text()  # prod's node groups are the defaults
+    assert "p4d.24xlarge" in gpu_default and "p5.48xlarge" in gpu_default
 
 
 def test_buckets_are_encrypted_versioned_and_private() -> None:
@@ -132,14 +174,27 @@ def test_terraform_fmt() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_checkov_has_no_failed_check() -> None:
+@pytest.mark.parametrize("env", ENVS)
+def test_checkov_has_no_failed_check(env: str) -> None:
     exe = Path(os.environ.get("TROUPE_CHECKOV", ROOT / ".venv-checkov" / "bin" / "checkov"))
     if not exe.is_file():
         pytest.fail(
             f"checkov not found at {exe}: python3 -m venv .venv-checkov && .venv-checkov/bin/pip install checkov"
         )
     proc = subprocess.run(
-        [str(exe), "-d", str(TF), "--framework", "terraform", "-o", "json", "--compact", "--skip-download"],
+        [
+            str(exe),
+            "-d",
+            str(TF),
+            "--var-file",
+            str(TF / "envs" / f"{env}.tfvars"),
+            "--framework",
+            "terraform",
+            "-o",
+            "json",
+            "--compact",
+            "--skip-download",
+        ],
         capture_output=True,
         text=True,
         timeout=900,

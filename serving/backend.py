@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from troupe.generation import decode_reply
+
 
 @dataclass
 class GenRequest:
@@ -230,7 +232,7 @@ class TransformersBackend:
             new = row[len(ids) :].tolist()
             while new and new[-1] == pad:
                 new.pop()
-            text = self.tok.decode(new, skip_special_tokens=True)
+            text = decode_reply(self.tok, new)
             results.append(GenResult(text, len(ids), len(new), ms, cached))
         return results
 

@@ -118,3 +118,34 @@ def test_truncated_replies_are_not_judged_on_markup():
     assert m["truncated"] == 0.5 and m["markup_validity"] == 1.0
     broken = _s("max", "d3", "We fly at dawn<emotion>happy")
     assert score_replies([cut, broken], CHARS)["markup_validity"] == 0.0
+
+
+def test_echoing_the_users_line_is_counted_and_breaks_the_rules():
+    """The CharacterEval failure seen in the real-data run: the reply repeats the other speaker's line."""
+    from troupe.checks import check_reply
+
+    line = "（笑道）想是在草里睡着了，说得是梦话？"
+    echo = _s("lin", "d1", "想是在草里睡着了，说得是梦话？", ref="爷爷呀！我睡他怎么晓得？")
+    echo["context"] = [{"role": "user", "content": line, "name": "孙悟空"}]
+    answer = _s("lin", "d2", "爷爷呀！我睡着了怎么晓得？", ref="爷爷呀！我睡他怎么晓得？")
+    answer["context"] = echo["context"]
+    m = score_replies([echo, answer], CHARS)
+    assert m["echo_user"] == 0.5
+    chk = check_reply(echo["reply"], character_name="林", language="zh", user_text=line)
+    assert chk.echo_user and "echoes the user's line" in chk.violations
+    assert not check_reply(echo["reply"], character_name="林", language="zh").echo_user  # no user line given
+
+
+def test_decoding_a_budget_cut_reply_drops_the_partial_character(tiny_model_dir):
+    """A Chinese character split over byte-level BPE tokens, cut by max_new_tokens, is not shown as U+FFFD."""
+    from transformers import AutoTokenizer
+
+    from troupe.generation import REPLACEMENT_CHAR, decode_reply
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tok("你好，八戒", add_special_tokens=False)["input_ids"]
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith(REPLACEMENT_CHAR))
+    assert tok.decode(ids[:cut]).endswith(REPLACEMENT_CHAR)  # what a plain decode shows
+    text = decode_reply(tok, ids[:cut])
+    assert REPLACEMENT_CHAR not in text and "你好，八戒".startswith(text)
+    assert decode_reply(tok, ids) == "你好，八戒"

@@ -88,6 +88,17 @@ def test_caps():
     assert not set(res.heldout_character_ids) & {d.character_id for d in res.train}
 
 
+def test_caps_spread_over_characters():
+    """A capped split keeps as many characters as the cap allows, none with two more than another."""
+    chars, ds = _data()
+    res = split_dialogues(ds, chars, {**SPLIT, "max_train_dialogues": 8, "max_eval_dialogues": 2})
+    per = res.report["per_character"]
+    assert set(per["heldout_characters"]) == set(res.heldout_character_ids)  # one dialogue of each
+    seen = set(chars) - set(res.heldout_character_ids)
+    assert len(per["train"]) == min(8, len(seen))
+    assert max(per["train"].values()) - min(per["train"].values()) <= 1
+
+
 def test_cli_split_writes_files(tmp_path):
     from troupe.cli import cli
 

@@ -103,6 +103,35 @@ def has_stage_direction(text: str) -> bool:
     return bool(_STAGE.search(text))
 
 
+#: char-trigram Jaccard at or above which two texts count as near-duplicates (self-repetition across a
+#: dialogue's replies, a reply echoing the user's line)
+NEAR_DUPLICATE_JACCARD = 0.6
+
+
+def char_trigrams(text: str) -> set[str]:
+    """Character trigrams of ``text`` with whitespace removed (works for zh and en alike)."""
+    s = "".join(text.split())
+    return {s[i : i + 3] for i in range(max(len(s) - 2, 1))}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    """|a & b| / |a | b| (0.0 when both are empty)."""
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def echoes_user(text: str, user_text: str) -> bool:
+    """True if the reply parrots the user's last line instead of answering it.
+
+    Near-duplicate by character trigrams (Jaccard >= :data:`NEAR_DUPLICATE_JACCARD`), with stage
+    directions and markup removed from both sides. Seen on CharacterEval: a model that has not learnt
+    the role repeats the other speaker's line back ("想是在草里睡着了，说得是梦话？").
+    """
+    a, b = _STAGE.sub("", text).strip(), _STAGE.sub("", user_text).strip()
+    if not a or not b:
+        return False
+    return jaccard(char_trigrams(a), char_trigrams(b)) >= NEAR_DUPLICATE_JACCARD
+
+
 @dataclass
 class ReplyCheck:
     """Outcome of :func:`check_reply`; ``violations`` lists the rules broken (empty = clean)."""
@@ -115,6 +144,7 @@ class ReplyCheck:
     stage_direction: bool
     length: int
     length_ok: bool
+    echo_user: bool
     violations: list[str]
 
     def to_dict(self) -> dict:
@@ -128,6 +158,7 @@ def check_reply(
     language: str,
     max_length: int = 50,
     image_max_length: int = 80,
+    user_text: str | None = None,
 ) -> ReplyCheck:
     """Run every automatic rule on one reply.
 
@@ -137,6 +168,7 @@ def check_reply(
         language: the character's configured language (BCP-47 primary subtag).
         max_length: rule 7 limit (characters for zh, words otherwise); ``image_max_length`` when the
             reply carries an image tag.
+        user_text: the user's last line, when known: a reply echoing it is a violation.
 
     Returns:
         A :class:`ReplyCheck`. Language is ``ok`` when undetectable (too short to tell).
@@ -150,6 +182,7 @@ def check_reply(
     phrase = has_assistant_phrase(text)
     prefix = has_name_prefix(text, character_name)
     stage = has_stage_direction(text)
+    echo = user_text is not None and echoes_user(text, parse_reply(user_text).text)
     v = []
     if not lang_ok:
         v.append(f"language {lang} != {language}")
@@ -163,6 +196,8 @@ def check_reply(
         v.append("stage direction")
     if n > limit:
         v.append(f"length {n} > {limit}")
+    if echo:
+        v.append("echoes the user's line")
     if not text.strip():
         v.append("empty reply")
     return ReplyCheck(
@@ -174,5 +209,6 @@ def check_reply(
         stage_direction=stage,
         length=n,
         length_ok=n <= limit,
+        echo_user=echo,
         violations=v,
     )

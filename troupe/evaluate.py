@@ -15,6 +15,8 @@ each model generates a reply greedily; replies are scored with the automatic rol
 * ``length_ok``             share within the length rule (50 zh chars / 50 en words; 80 with image)
 * ``self_repetition``       share of replies near-duplicating (char-trigram Jaccard >= 0.6) an earlier
                             reply of the same dialogue (lower is better)
+* ``echo_user``             share of replies parroting the user's last line (same trigram rule; lower
+                            is better)
 * ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055)
 * ``rouge_l``               ROUGE-L F1 vs the reference (Lin 2004; ``rouge-score``, characters for zh)
 * ``bleu``                  corpus BLEU vs the reference (``sacrebleu``; ``zh`` tokenizer for Chinese)
@@ -39,7 +41,7 @@ from typing import Any
 
 import click
 
-from troupe.checks import check_reply
+from troupe.checks import NEAR_DUPLICATE_JACCARD, char_trigrams, check_reply, jaccard
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, section
 from troupe.contract import Character, Dialogue, load_characters, read_jsonl
@@ -56,20 +58,12 @@ LOWER_IS_BETTER = frozenset(
         "name_prefix",
         "stage_direction",
         "self_repetition",
+        "echo_user",
         "loss",
         "perplexity",
     }
 )
 JUDGE_DIMENSIONS = ("human_likeness", "purposefulness", "consistency", "engagement")
-
-
-def _trigrams(s: str) -> set[str]:
-    s = "".join(s.split())
-    return {s[i : i + 3] for i in range(max(len(s) - 2, 1))}
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a and b else 0.0
 
 
 def _units(text: str, language: str) -> list[str]:
@@ -134,7 +128,10 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
     refs: dict[str, list[str]] = defaultdict(list)
     for s in samples:
         c = chars[s["character_id"]]
-        chk = check_reply(s["reply"], character_name=c.name, language=c.language)
+        users = [m["content"] for m in s.get("context", []) if m.get("role") == "user"]
+        chk = check_reply(
+            s["reply"], character_name=c.name, language=c.language, user_text=users[-1] if users else None
+        )
         agg["language_consistency"] += chk.language_ok
         done = s.get("finished", True)
         agg["truncated"] += not done
@@ -144,10 +141,13 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
         agg["name_prefix"] += chk.name_prefix
         agg["stage_direction"] += chk.stage_direction
         agg["length_ok"] += chk.length_ok
+        agg["echo_user"] += chk.echo_user
         text, ref = strip_markup(s["reply"]), strip_markup(s["reference"])
         agg["empty_reply"] += not text.strip()
-        tri = _trigrams(text)
-        agg["self_repetition"] += any(_jaccard(tri, t) >= 0.6 for t in seen[s["dialogue_id"]])
+        tri = char_trigrams(text)
+        agg["self_repetition"] += any(
+            jaccard(tri, t) >= NEAR_DUPLICATE_JACCARD for t in seen[s["dialogue_id"]]
+        )
         seen[s["dialogue_id"]].append(tri)
         u, ru = _units(text, c.language), _units(ref, c.language)
         units.append(u)

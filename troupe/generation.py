@@ -5,6 +5,19 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+#: U+FFFD, what a byte-level BPE decode yields for a UTF-8 sequence the token budget cut in half
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def decode_reply(tokenizer, token_ids) -> str:
+    """Decode generated token ids (1-D) to reply text, special tokens dropped, whitespace stripped.
+
+    A reply cut by ``max_new_tokens`` can end inside a multi-byte character (byte-level BPE spreads one
+    Chinese character over several tokens); that partial character decodes to U+FFFD and is dropped.
+    U+FFFD elsewhere in the text is kept.
+    """
+    return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip().rstrip(REPLACEMENT_CHAR).strip()
+
 
 def generate(
     model,
@@ -56,7 +69,7 @@ def generate(
         new_tokens += int((new != tokenizer.pad_token_id).sum())
         if finished is not None:
             finished.extend(bool((row == tokenizer.eos_token_id).any()) for row in new)
-        out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+        out.extend(decode_reply(tokenizer, row) for row in new)
         el = time.time() - t0
         done = len(out)
         eta = el / done * (len(prompts) - done)

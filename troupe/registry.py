@@ -240,13 +240,18 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: str 
     except MlflowException as e:
         raise ConfigError(f"{uri}: {e.message}") from e
     dst = Path(cache_dir or Path.home() / ".cache" / "troupe" / "models") / name / str(mv.version)
-    # the artifact directory is named "model", so a download lands in <dst>/model
-    for local in (dst / "model", dst):
-        if (local / "config.json").is_file():
-            return local  # cached: no second download
+
+    def checkpoint() -> Path | None:
+        # the artifact directory is named "model", so a download lands in <dst>/model
+        return next((d for d in (dst / "model", dst) if (d / "config.json").is_file()), None)
+
+    if (cached := checkpoint()) is not None:
+        return cached  # no second download
     dst.mkdir(parents=True, exist_ok=True)
     mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
-    return dst / "model" if (dst / "model" / "config.json").is_file() else dst
+    if (local := checkpoint()) is None:
+        raise ConfigError(f"{uri}: downloaded artifacts hold no config.json under {dst}")
+    return local
 
 
 @click.group("registry")

@@ -7,8 +7,9 @@
   enough, round-robin over languages so that each language is represented when possible;
 - ``heldout_dialogues.jsonl``: ``split.heldout_dialogue_share`` of each remaining character's
   dialogues (at least 1 when the character has >= 2, never all of them);
-- ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it by a seeded sample);
-- both eval files capped at ``split.max_eval_dialogues`` (0 = no cap) by a seeded sample;
+- ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it);
+- both eval files capped at ``split.max_eval_dialogues`` (0 = no cap); every cap is a seeded sample
+  spread round-robin over characters, so a capped split keeps as many characters as it can;
 - ``characters.jsonl`` (every card) and ``split_report.json``.
 
 Every output dialogue has ``split`` set to ``train`` / ``heldout_dialogues`` / ``heldout_characters``;
@@ -79,10 +80,27 @@ def choose_heldout_characters(
 
 
 def _sample(items: list[Dialogue], k: int, rng: random.Random) -> list[Dialogue]:
-    """Seeded sample of ``k`` items in their original order (all when ``k <= 0`` or ``k >= len``)."""
+    """Seeded sample of ``k`` items spread over characters, in their original order.
+
+    Round-robin over characters (characters and each one's dialogues in seeded order), so a cap of
+    ``k`` covers ``min(k, characters)`` characters and no character gets two more than another:
+    "many characters x few sessions" for training, every held-out character in a capped eval split.
+    All items when ``k <= 0`` or ``k >= len(items)``.
+    """
     if k <= 0 or k >= len(items):
         return list(items)
-    keep = set(rng.sample(range(len(items)), k))
+    by_char: dict[str, list[int]] = defaultdict(list)
+    for i, d in enumerate(items):
+        by_char[d.character_id].append(i)
+    queues = [by_char[c] for c in sorted(by_char)]
+    rng.shuffle(queues)
+    for q in queues:
+        rng.shuffle(q)
+    keep: set[int] = set()
+    while len(keep) < k:
+        for q in queues:
+            if q and len(keep) < k:
+                keep.add(q.pop())
     return [d for i, d in enumerate(items) if i in keep]
 
 

@@ -165,6 +165,21 @@ def make_progress_callback(
     return ProgressCallback()
 
 
+def _quiet_worker_logs() -> None:
+    """Ray worker setup hook: silence the placement-group cleaner's state-API warning.
+
+    Ray Train's ``PlacementGroupCleaner`` polls the state API every second; that API lives in the
+    dashboard, which the local cluster does not start (memory on a 2-core node), so each poll logs
+    "Failed to query Ray Train Controller actor state" for the whole run. The cleaner only matters
+    when the controller dies ungracefully; the local cluster is torn down with the job anyway.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
+
+
 def _ray_init(num_cpus: int | None = None) -> None:
     import ray
 
@@ -174,9 +189,13 @@ def _ray_init(num_cpus: int | None = None) -> None:
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        # Ray Train's print patch re-logs every print of a worker, including what libraries print
+        # into a captured sys.stdout (HF datasets' fingerprinting makes dill dis.dis() each map
+        # function): pages of bytecode and every progress line twice in the console
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": env}
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": _quiet_worker_logs}
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -63,8 +63,13 @@ def build_pairs(params: dict[str, Any]) -> Path:
     sft_samples = generate(sft_model, tok, prompts, desc="pairs/sft", **gen_kw)
     del sft_model
     checks = [
-        check_reply(s, character_name=chars[d.character_id].name, language=chars[d.character_id].language)
-        for (d, _, _), s in zip(ctx, sft_samples, strict=True)
+        check_reply(
+            s,
+            character_name=chars[d.character_id].name,
+            language=chars[d.character_id].language,
+            user_text=next((m.content for m in reversed(msgs) if m.role == "user"), None),
+        )
+        for (d, msgs, _), s in zip(ctx, sft_samples, strict=True)
     ]
     need_base = [i for i, c in enumerate(checks) if not c.violations]
     base_samples: dict[int, str] = {}

@@ -3,7 +3,8 @@
 Three variants on the same model, data and cores, each for ``--steps`` optimizer steps:
 
 1. ``trl-default``: plain TRL ``SFTTrainer`` in one process, conversational dataset, batch 4 x
-   ``--max-length``, no packing (pads every batch), loss on all tokens - what a user gets by default.
+   ``--max-length``, no packing (pads every batch) - what a user gets by default, except precision:
+   fp32 like Troupe on CPU (``--trl-bf16`` keeps TRL's bf16 default, very slow on CPUs without bf16).
 2. ``troupe-1proc``: Troupe's trainer (pre-tokenized, assistant-only loss, BFD packing, padding-free)
    in one process, no DeepSpeed.
 3. ``troupe-ray-zero3``: the same trainer through ``troupe.train.distributed.run_on_ray`` with
@@ -36,8 +37,10 @@ def _dialogues(data_dir: Path):
     return chars, read_jsonl(data_dir / "dialogues.jsonl", Dialogue)
 
 
-def trl_default(model_dir: str, data_dir: Path, steps: int, batch: int, max_length: int) -> dict:
-    """Variant 1: plain TRL defaults, conversational data, padded batches, one process."""
+def trl_default(
+    model_dir: str, data_dir: Path, steps: int, batch: int, max_length: int, bf16: bool = False
+) -> dict:
+    """Variant 1: plain TRL defaults, conversational data, padded batches, one process (fp32 unless bf16)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -58,6 +61,10 @@ def trl_default(model_dir: str, data_dir: Path, steps: int, batch: int, max_leng
         logging_steps=1,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,
+        # TRL's SFTConfig defaults to bf16=True; on a CPU without AVX512-BF16/AMX that autocasts every
+        # matmul into PyTorch's reference GEMM (measured here: ~6 real tokens/s). Troupe trains fp32 on
+        # CPU (bf16 only on GPU/NPU), so the baseline runs at the same precision: --trl-bf16 restores it.
+        bf16=bf16,
     )
     tr = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
@@ -121,7 +128,9 @@ def troupe_one_process(model_dir: str, data_dir: Path, steps: int, batch: int, m
     from troupe.train.distributed import build_trainer, training_args_common
 
     cfg, _ = _troupe_cfg(model_dir, data_dir, steps, batch, max_length, 1, 0)
-    tr = build_trainer(cfg, training_args_common(cfg["train"]))
+    common = training_args_common(cfg["train"])
+    common.pop("ddp_backend")  # one process, no process group: accelerate would ask gloo for a world size
+    tr = build_trainer(cfg, common)
     r = tr.train()
     return {
         "real_tokens": tr.state.num_input_tokens_seen,
@@ -156,12 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the raw figures here")
+    ap.add_argument("--trl-bf16", action="store_true", help="baseline with TRL's default bf16 autocast")
     a = ap.parse_args(argv)
+    a.model = str(Path(a.model).resolve())  # Ray Train workers run in their own working directory
     res = {}
     print(
         f"model {a.model}, data {a.data}, {a.steps} steps, batch {a.batch} x {a.max_length}, cores {os.cpu_count()}"
     )
-    res["trl-default"] = trl_default(a.model, Path(a.data), a.steps, a.batch, a.max_length)
+    res["trl-default"] = trl_default(a.model, Path(a.data), a.steps, a.batch, a.max_length, a.trl_bf16)
     res["troupe-1proc"] = troupe_one_process(a.model, Path(a.data), a.steps, a.batch, a.max_length)
     res["troupe-ray-zero3"] = troupe_ray(a.model, Path(a.data), a.steps, a.batch, a.max_length, a.workers)
     print(f"\n{'variant':<18}{'real tokens':>12}{'runtime s':>11}{'real tok/s':>12}{'padding':>9}")

@@ -313,6 +313,10 @@ def _fault_injection_callback(cfg: dict[str, Any]):
 
     A marker file in the scratch dir makes it fire only on the first attempt, so the restarted
     worker group (Ray Train ``FailureConfig``) resumes from the last checkpoint and finishes.
+    Before the kill it waits (``ray.train.get_all_reported_checkpoints``) until the controller has
+    registered every checkpoint this worker reported: the controller collects reports on its health
+    check poll (every 2 s by default), so a worker that dies sooner after a report would take that
+    checkpoint with it and the restart would begin from step 0.
     """
     import signal
 
@@ -328,6 +332,7 @@ def _fault_injection_callback(cfg: dict[str, Any]):
             ctx = ray.train.get_context()
             last = ctx.get_world_rank() == ctx.get_world_size() - 1
             if state.global_step == step and last and not marker.exists():
+                ray.train.get_all_reported_checkpoints(timeout_s=120)
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"killed rank {ctx.get_world_rank()} at step {step}\n")
                 print(

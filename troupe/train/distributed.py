@@ -271,6 +271,22 @@ def _shared_dataset(cfg: dict[str, Any]):
     return load_from_disk(str(d))
 
 
+def training_attention(train: dict[str, Any], padding_free: bool) -> str | None:
+    """Attention implementation to train with, from ``train.attn_implementation`` (default ``auto``).
+
+    ``auto``: padding-free (packed) batches train with ``varlen``, :data:`troupe.train.attention.VARLEN_ATTENTION`
+    (per-sequence SDPA, FlashAttention's varlen semantics without the flash-attn package); anything else
+    keeps the model's default (``None``). An explicit name (``sdpa``, ``eager``, ``flash_attention_2``
+    where flash-attn is installed) is used as given. The saved checkpoint is unaffected.
+    """
+    name = str(train.get("attn_implementation") or "auto")
+    if name == "varlen" or (name == "auto" and padding_free):
+        from troupe.train.attention import register_varlen_attention
+
+        return register_varlen_attention()
+    return None if name == "auto" else name
+
+
 def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     """A TRL trainer (SFT or DPO by ``cfg["method"]``) with Troupe's progress callback.
 
@@ -287,6 +303,9 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     args, trainer_cls = mod.make_trainer_args(cfg, common)
     tok = AutoTokenizer.from_pretrained(cfg["base_model"])
     model = AutoModelForCausalLM.from_pretrained(cfg["base_model"])
+    attn = training_attention(cfg["train"], padding_free=bool(getattr(args, "padding_free", False)))
+    if attn:
+        model.set_attn_implementation(attn)
     trainer = trainer_cls(
         model=model,
         args=args,

@@ -260,3 +260,55 @@ def test_find_duplicates_within_character_only():
     exact, near = find_duplicates(["x", "y", "x", "x"], [a, a, a, a.replace("kid.", "kid!")], 0.9)
     assert exact == [None, None, "0", None]
     assert near == [None, None, None, "0"]
+
+
+def _stage_run(tmp: Path, model: Path, mode: str):
+    src = tmp / "src"
+    write_jsonl(src / "characters.jsonl", CHARS)
+    write_jsonl(
+        src / "dialogues.jsonl",
+        [
+            _d("plain", "kit", GOOD_EN[0]),
+            _d(
+                "stage_zh", "mei", ("在忙吗？", "（低头整理花束）在包花呢，要看看吗？<emotion>开心</emotion>")
+            ),
+            _d("stage_en", "kit", ("Tired?", "Bit knackered *yawns* but fine.<emotion>neutral</emotion>")),
+            _d("stage_only", "kit", ("Hello?", "*waves*")),
+        ],
+    )
+    write_import(import_sources([{"kind": "troupe", "path": str(src)}]), tmp / "imported")
+    res = validate_dir(_params(tmp, model, stage_directions=mode))
+    acc = {d.id: d for d in read_jsonl(tmp / "validated" / "dialogues.jsonl", Dialogue)}
+    q = {x.record_id: x for x in read_jsonl(tmp / "validated" / "quarantine.jsonl", QuarantineRecord)}
+    assert res.report["in"] == len(acc) + len(q) == 4
+    return res.report, acc, q
+
+
+@pytest.mark.parametrize("mode", ["flag", "reject", "strip"])
+def test_stage_direction_modes(tmp_path, tiny_model_dir, mode):
+    rep, acc, q = _stage_run(tmp_path, tiny_model_dir, mode)
+    if mode == "flag":
+        assert set(acc) == {"plain", "stage_zh", "stage_en", "stage_only"}
+        assert acc["stage_zh"].messages[1].content.startswith("（低头整理花束）")
+        assert rep["flags"]["stage_directions"] == 3
+    elif mode == "reject":
+        assert set(acc) == {"plain"}
+        assert all(
+            q[i].reason.startswith("stage_direction: ") for i in ("stage_zh", "stage_en", "stage_only")
+        )
+    else:
+        assert set(acc) == {"plain", "stage_zh", "stage_en"}
+        assert acc["stage_zh"].messages[1].content == "在包花呢，要看看吗？<emotion>开心</emotion>"
+        assert acc["stage_en"].messages[1].content == "Bit knackered but fine.<emotion>neutral</emotion>"
+        assert q["stage_only"].reason.startswith("empty_turn: ")
+        assert "*waves*" in json.dumps(q["stage_only"].raw)  # the quarantine keeps the original reply
+        assert rep["flags"]["stage_directions"] == 0
+        assert rep["flags"]["stage_directions_stripped_dialogues"] == 3
+        assert rep["flags"]["stage_directions_stripped_spans"] == 3
+
+
+def test_unknown_stage_direction_mode(tmp_path, tiny_model_dir):
+    from troupe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.stage_directions"):
+        _stage_run(tmp_path, tiny_model_dir, "drop")

@@ -103,6 +103,18 @@ def has_stage_direction(text: str) -> bool:
     return bool(_STAGE.search(text))
 
 
+def strip_stage_directions(text: str) -> tuple[str, int]:
+    """``(text without stage directions, how many were removed)`` (rule 8 ``strip`` mode).
+
+    Removes the spans :func:`has_stage_direction` finds and collapses the spaces left behind; markup
+    tags stay. ``text`` comes back unchanged when there is nothing to remove.
+    """
+    out, n = _STAGE.subn("", text)
+    if not n:
+        return text, 0
+    return re.sub(r"[ \t]{2,}", " ", out).strip(), n
+
+
 #: char-trigram Jaccard at or above which two texts count as near-duplicates (self-repetition across a
 #: dialogue's replies, a reply echoing the user's line)
 NEAR_DUPLICATE_JACCARD = 0.6

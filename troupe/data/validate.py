@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from troupe.checks import detect_language, has_stage_direction
+from troupe.checks import detect_language, has_stage_direction, strip_stage_directions
 from troupe.config import ConfigError, path_of, section
 from troupe.contract import (
     Character,
@@ -321,10 +321,16 @@ def load_tokenizer(path: str | Path) -> Any:
 
 @dataclass
 class Features:
-    """The feature table (one row per dialogue, row order = input order) and the scrubbed dialogues."""
+    """The feature table (one row per dialogue, row order = input order) and the dialogues as accepted.
+
+    ``dialogues`` are PII-scrubbed (``data.pii=scrub``) and stage-direction-stripped
+    (``data.stage_directions=strip``); ``for_quarantine`` are the same dialogues before stripping (still
+    scrubbed, so no personal data reaches the quarantine file, and no reply text is lost).
+    """
 
     table: pd.DataFrame
     dialogues: list[Dialogue]
+    for_quarantine: list[Dialogue]
 
 
 def build_features(
@@ -334,6 +340,7 @@ def build_features(
     *,
     pii: str = "scrub",
     near_duplicate_threshold: float = 0.9,
+    stage_directions: str = "flag",
 ) -> Features:
     """Per-dialogue feature table for the GX suite; scrubs PII in place of the returned copies.
 
@@ -343,21 +350,30 @@ def build_features(
     of assistant turns whose detected language is the character's; undetectable turns count as right),
     ``wrong_language`` (first offending detected language, "" if none), ``markup_errors`` (assistant
     turns with invalid markup), ``markup_error`` (first error text), ``stage_directions`` (assistant turns
-    narrating actions), ``pii_found`` (replacements made, or found when ``pii="reject"``),
+    narrating actions, after stripping), ``stage_directions_stripped`` (spans removed when
+    ``stage_directions="strip"``), ``pii_found`` (replacements made, or found when ``pii="reject"``),
     ``pii_remaining`` (left after scrubbing; 0 when scrubbed), ``exact_duplicate`` / ``near_duplicate``
     (bool), ``duplicate_of`` (id of the earlier dialogue, "" if none).
 
     Args:
         pii: ``scrub`` (replace and keep) or ``reject`` (keep text; the suite rejects ``pii_found > 0``).
+        stage_directions: ``flag`` (count only), ``reject`` (the suite rejects ``stage_directions > 0``)
+            or ``strip`` (remove them from the character's replies and keep the dialogue; a reply left
+            empty is then rejected as an empty turn).
 
     Raises:
-        ConfigError: ``pii`` not in scrub | reject.
+        ConfigError: ``pii`` not in scrub | reject, ``stage_directions`` not in flag | reject | strip.
     """
     if pii not in ("scrub", "reject"):
         raise ConfigError(f"data.pii must be scrub or reject, got {pii!r}")
+    if stage_directions not in STAGE_DIRECTION_MODES:
+        raise ConfigError(
+            f"data.stage_directions must be one of {', '.join(STAGE_DIRECTION_MODES)}, got {stage_directions!r}"
+        )
     prompts = {cid: render_system_prompt(c) for cid, c in characters.items()}
     rows: list[dict[str, Any]] = []
     out_dialogues: list[Dialogue] = []
+    before_strip: list[Dialogue] = []
     convs: list[list[dict[str, str]]] = []
     conv_cards: list[str] = []
     conv_rows: list[int] = []
@@ -371,6 +387,17 @@ def build_features(
                 pii_found += k
                 new.append(m.model_copy(update={"content": text}) if k and pii == "scrub" else m)
             if pii == "scrub" and pii_found:
+                d = d.model_copy(update={"messages": new})
+                msgs = new
+        before_strip.append(d)
+        stripped = 0
+        if stage_directions == "strip":
+            new = []
+            for m in msgs:
+                text, k = strip_stage_directions(m.content) if m.role == "assistant" else (m.content, 0)
+                stripped += k
+                new.append(m.model_copy(update={"content": text}) if k else m)
+            if stripped:
                 d = d.model_copy(update={"messages": new})
                 msgs = new
         out_dialogues.append(d)
@@ -409,6 +436,7 @@ def build_features(
                 "markup_errors": markup_bad,
                 "markup_error": markup_err,
                 "stage_directions": stage,
+                "stage_directions_stripped": stripped,
                 "pii_found": pii_found,
                 "pii_remaining": pii_found if pii == "reject" else 0,
             }
@@ -446,6 +474,7 @@ def build_features(
         "markup_errors",
         "markup_error",
         "stage_directions",
+        "stage_directions_stripped",
         "pii_found",
         "pii_remaining",
         "exact_duplicate",
@@ -453,10 +482,14 @@ def build_features(
         "duplicate_of",
     ]
     table = pd.DataFrame(rows, columns=cols)
-    return Features(table=table, dialogues=out_dialogues)
+    return Features(table=table, dialogues=out_dialogues, for_quarantine=before_strip)
 
 
 # --------------------------------------------------------------------------------------- GX suites
+
+
+#: ``data.stage_directions``: count them, reject the dialogue, or strip them from the replies
+STAGE_DIRECTION_MODES = ("flag", "reject", "strip")
 
 
 @dataclass
@@ -474,8 +507,11 @@ class Rules:
     def from_params(cls, data: dict[str, Any]) -> Rules:
         """Read the rules from ``params['data']`` (missing keys keep their defaults)."""
         r = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        if r.stage_directions not in ("flag", "reject"):
-            raise ConfigError(f"data.stage_directions must be flag or reject, got {r.stage_directions!r}")
+        if r.stage_directions not in STAGE_DIRECTION_MODES:
+            raise ConfigError(
+                f"data.stage_directions must be one of {', '.join(STAGE_DIRECTION_MODES)}, "
+                f"got {r.stage_directions!r}"
+            )
         return r
 
 
@@ -685,6 +721,7 @@ def validate_records(
         tokenizer,
         pii=rules.pii,
         near_duplicate_threshold=rules.near_duplicate_threshold,
+        stage_directions=rules.stage_directions,
     )
     df = feats.table
     t1 = time.perf_counter()
@@ -712,6 +749,7 @@ def validate_records(
         if not rs:
             accepted.append(d)
             continue
+        d = feats.for_quarantine[i]
         quarantined.append(
             QuarantineRecord(
                 file=row.origin_file or "<unknown>",
@@ -737,6 +775,10 @@ def validate_records(
         "by_reason": dict(by_reason.most_common()),
         "flags": {
             "stage_directions": int((df["stage_directions"] > 0).sum()) if n else 0,
+            "stage_directions_stripped_dialogues": int((df["stage_directions_stripped"] > 0).sum())
+            if n
+            else 0,
+            "stage_directions_stripped_spans": int(df["stage_directions_stripped"].sum()) if n else 0,
             "pii_scrubbed_dialogues": int((df["pii_found"] > 0).sum()) if n and rules.pii == "scrub" else 0,
             "pii_scrubbed_matches": int(df["pii_found"].sum()) if n and rules.pii == "scrub" else 0,
         },

@@ -164,3 +164,25 @@ def test_encoding_masks_exactly_the_character_turns(tiny_model_dir):
     assert "在吗" not in learned and "买花" not in learned and "花店老板" not in learned
     short = encode_dialogue(tok, d, ZH, cutoff_len=10)
     assert len(short.input_ids) == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "narrates"),
+    [
+        ("*smiles* Ready?", True),
+        ("（低头整理花束）在包花呢。", True),
+        ("(laughs) Fair enough.", True),
+        ("Fine, fine. (sighs dramatically) Let's go.", True),
+        ("我在维也纳（现在的奥地利）。", True),  # full-width brackets in zh replies are narration in practice
+        ("I grew up in Vienna (present-day Austria).", False),
+        ("The party (DAP) was tiny then.", False),
+        ("My first book. (2001) was a long year.", False),
+        ("Nothing to see here.", False),
+    ],
+)
+def test_stage_direction_rule(text, narrates):
+    from troupe.checks import has_stage_direction, strip_stage_directions
+
+    assert has_stage_direction(text) is narrates
+    stripped, n = strip_stage_directions(text)
+    assert (n > 0) is narrates and (stripped == text) is not narrates

@@ -186,3 +186,17 @@ def test_stage_direction_rule(text, narrates):
     assert has_stage_direction(text) is narrates
     stripped, n = strip_stage_directions(text)
     assert (n > 0) is narrates and (stripped == text) is not narrates
+
+
+def test_last_user_text_reads_messages_and_dicts():
+    from troupe.checks import last_user_text
+
+    msgs = [
+        Message(role="user", content="first"),
+        Message(role="assistant", content="a"),
+        Message(role="user", content="second"),
+        Message(role="assistant", content="b"),
+    ]
+    assert last_user_text(msgs) == "second"
+    assert last_user_text([m.model_dump() for m in msgs]) == "second"
+    assert last_user_text([{"role": "system", "content": "card"}]) is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from troupe.markup import parse_reply
 
@@ -137,6 +138,15 @@ def char_trigrams(text: str) -> set[str]:
 def jaccard(a: set[str], b: set[str]) -> float:
     """|a & b| / |a | b| (0.0 when both are empty)."""
     return len(a & b) / len(a | b) if a or b else 0.0
+
+
+def last_user_text(messages: list[Any]) -> str | None:
+    """Content of the last ``user`` turn of a context (contract ``Message`` objects or chat dicts)."""
+    for m in reversed(messages):
+        role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (m.role, m.content)
+        if role == "user":
+            return content
+    return None
 
 
 def echoes_user(text: str, user_text: str) -> bool:

@@ -41,7 +41,7 @@ from typing import Any
 
 import click
 
-from troupe.checks import NEAR_DUPLICATE_JACCARD, char_trigrams, check_reply, jaccard
+from troupe.checks import NEAR_DUPLICATE_JACCARD, char_trigrams, check_reply, jaccard, last_user_text
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, section
 from troupe.contract import Character, Dialogue, load_characters, read_jsonl
@@ -128,9 +128,11 @@ def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) ->
     refs: dict[str, list[str]] = defaultdict(list)
     for s in samples:
         c = chars[s["character_id"]]
-        users = [m["content"] for m in s.get("context", []) if m.get("role") == "user"]
         chk = check_reply(
-            s["reply"], character_name=c.name, language=c.language, user_text=users[-1] if users else None
+            s["reply"],
+            character_name=c.name,
+            language=c.language,
+            user_text=last_user_text(s.get("context", [])),
         )
         agg["language_consistency"] += chk.language_ok
         done = s.get("finished", True)

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from troupe.checks import check_reply
+from troupe.checks import check_reply, last_user_text
 from troupe.config import path_of, section
 from troupe.contract import Dialogue, Message, PreferencePair, load_characters, read_jsonl, write_jsonl
 
@@ -67,7 +67,7 @@ def build_pairs(params: dict[str, Any]) -> Path:
             s,
             character_name=chars[d.character_id].name,
             language=chars[d.character_id].language,
-            user_text=next((m.content for m in reversed(msgs) if m.role == "user"), None),
+            user_text=last_user_text(msgs),
         )
         for (d, msgs, _), s in zip(ctx, sft_samples, strict=True)
     ]

@@ -333,6 +333,32 @@ class Features:
     for_quarantine: list[Dialogue]
 
 
+#: ``data.stage_directions``: count them, reject the dialogue, or strip them from the replies
+STAGE_DIRECTION_MODES = ("flag", "reject", "strip")
+
+
+def _rewrite_turns(d: Dialogue, rewrite: Any, apply: bool = True) -> tuple[Dialogue, int]:
+    """``(dialogue, matches)`` after ``rewrite(message) -> (new content, matches)`` on every turn.
+
+    With ``apply`` false only the matches are counted (``data.pii=reject``); the dialogue is copied only
+    when something changed.
+    """
+    total, new = 0, []
+    for m in d.messages:
+        text, k = rewrite(m)
+        total += k
+        new.append(m.model_copy(update={"content": text}) if k and apply else m)
+    return (d.model_copy(update={"messages": new}) if total and apply else d), total
+
+
+def check_stage_direction_mode(mode: str) -> None:
+    """ConfigError unless ``data.stage_directions`` is one of :data:`STAGE_DIRECTION_MODES`."""
+    if mode not in STAGE_DIRECTION_MODES:
+        raise ConfigError(
+            f"data.stage_directions must be one of {', '.join(STAGE_DIRECTION_MODES)}, got {mode!r}"
+        )
+
+
 def build_features(
     dialogues: list[Dialogue],
     characters: dict[str, Character],
@@ -366,10 +392,7 @@ def build_features(
     """
     if pii not in ("scrub", "reject"):
         raise ConfigError(f"data.pii must be scrub or reject, got {pii!r}")
-    if stage_directions not in STAGE_DIRECTION_MODES:
-        raise ConfigError(
-            f"data.stage_directions must be one of {', '.join(STAGE_DIRECTION_MODES)}, got {stage_directions!r}"
-        )
+    check_stage_direction_mode(stage_directions)
     prompts = {cid: render_system_prompt(c) for cid, c in characters.items()}
     rows: list[dict[str, Any]] = []
     out_dialogues: list[Dialogue] = []
@@ -378,28 +401,15 @@ def build_features(
     conv_cards: list[str] = []
     conv_rows: list[int] = []
     for i, d in enumerate(dialogues):
-        pii_found = 0
-        msgs = d.messages
-        if any(_PII_SCREEN.search(m.content) for m in msgs):
-            new = []
-            for m in msgs:
-                text, k = scrub_pii(m.content)
-                pii_found += k
-                new.append(m.model_copy(update={"content": text}) if k and pii == "scrub" else m)
-            if pii == "scrub" and pii_found:
-                d = d.model_copy(update={"messages": new})
-                msgs = new
+        pii_found = stripped = 0
+        if any(_PII_SCREEN.search(m.content) for m in d.messages):
+            d, pii_found = _rewrite_turns(d, lambda m: scrub_pii(m.content), apply=pii == "scrub")
         before_strip.append(d)
-        stripped = 0
         if stage_directions == "strip":
-            new = []
-            for m in msgs:
-                text, k = strip_stage_directions(m.content) if m.role == "assistant" else (m.content, 0)
-                stripped += k
-                new.append(m.model_copy(update={"content": text}) if k else m)
-            if stripped:
-                d = d.model_copy(update={"messages": new})
-                msgs = new
+            d, stripped = _rewrite_turns(
+                d, lambda m: strip_stage_directions(m.content) if m.role == "assistant" else (m.content, 0)
+            )
+        msgs = d.messages
         out_dialogues.append(d)
         char = characters.get(d.character_id)
         lang = char.language if char else ""
@@ -488,10 +498,6 @@ def build_features(
 # --------------------------------------------------------------------------------------- GX suites
 
 
-#: ``data.stage_directions``: count them, reject the dialogue, or strip them from the replies
-STAGE_DIRECTION_MODES = ("flag", "reject", "strip")
-
-
 @dataclass
 class Rules:
     """The thresholds the suite enforces (from ``params.data``)."""
@@ -507,11 +513,7 @@ class Rules:
     def from_params(cls, data: dict[str, Any]) -> Rules:
         """Read the rules from ``params['data']`` (missing keys keep their defaults)."""
         r = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        if r.stage_directions not in STAGE_DIRECTION_MODES:
-            raise ConfigError(
-                f"data.stage_directions must be one of {', '.join(STAGE_DIRECTION_MODES)}, "
-                f"got {r.stage_directions!r}"
-            )
+        check_stage_direction_mode(r.stage_directions)
         return r
 
 

@@ -66,7 +66,15 @@ def varlen_sdpa_attention(
     )
     if not packed:
         return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
         )
     gqa = key.shape[1] != query.shape[1]
     outs = [

@@ -134,7 +134,10 @@ def _troupe_cfg(
         train=train,
         cutoff_len=max_length,
         base_model=model_dir,
-        out_dir=str(out / "model"),
+        base_model_dir=model_dir,  # what train_loop resolves on a worker; the one-process variant uses it as is
+        base_model_setting="--model",
+        out=str(out / "model"),
+        run_name="bench-sft",
         scratch=str(out / "scratch"),
         examples=build_sft_examples(split, tok, max_length),
     ), out
@@ -163,9 +166,9 @@ def troupe_ray(model_dir: str, data_dir: Path, steps: int, batch: int, max_lengt
 
     cfg, out = _troupe_cfg(model_dir, data_dir, steps, batch, max_length, workers, 3)
     t0 = time.time()
-    run_on_ray(train_loop, cfg, cfg["train"], name="bench-sft", storage=out / "ray")
+    run_on_ray(train_loop, cfg, cfg["train"], name="bench-sft", storage_uri=str(out / "ray"))
     wall = time.time() - t0
-    log = json.loads(Path(cfg["out_dir"], "train_log.json").read_text())
+    log = json.loads(Path(cfg["out"], "train_log.json").read_text())
     return {
         "real_tokens": log["tokens_seen"],
         "runtime_s": log["train_runtime_s"],

@@ -29,8 +29,13 @@ def _examples(tok):
     return out
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_model_dir, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """Each rank downloads only its own ZeRO partition on resume; storage keeps ``checkpoint_num_to_keep``."""
+    import ray
     from transformers import AutoTokenizer
+
+    ray.shutdown()  # the local cluster started below inherits TROUPE_SCRATCH (node scratch)
+    monkeypatch.setenv("TROUPE_SCRATCH", str(tmp_path / "scratch"))
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     train = {
@@ -40,6 +45,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_model_dir, tmp_path)
         "checkpoint_every": 2,
         "max_failures": 1,
         "fault_injection_step": 3,
+        "checkpoint_num_to_keep": 1,
     }
     cfg = dict(
         method="sft",
@@ -47,12 +53,22 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_model_dir, tmp_path)
         train=train,
         cutoff_len=256,
         base_model=str(tiny_model_dir),
-        out_dir=str(tmp_path / "model"),
-        scratch=str(tmp_path / "scratch"),
+        base_model_setting="paths.base_model",
+        out=str(tmp_path / "model"),
+        run_name="resume-test",
         examples=_examples(tok),
     )
-    run_on_ray(train_loop, cfg, train, name="resume-test", storage=tmp_path / "ray")
-    assert (tmp_path / "scratch" / "fault-injected").read_text().startswith("killed rank 1 at step 3")
+    run_on_ray(train_loop, cfg, train, name="resume-test", storage_uri=str(tmp_path / "ray"))
+    run_dir = tmp_path / "scratch" / "runs" / "resume-test"
+    assert (run_dir / "fault-injected").read_text().startswith("killed rank 1 at step 3")
+    for rank in (0, 1):
+        got = json.loads((run_dir / f"resume-rank{rank}" / "troupe_resume.json").read_text())
+        other = 1 - rank
+        assert any(f"zero_pp_rank_{rank}_" in f for f in got["downloaded"]), got
+        assert not any(f"zero_pp_rank_{other}_" in f or f"rng_state_{other}" in f for f in got["downloaded"])
+        assert any(f"zero_pp_rank_{other}_" in f for f in got["in_storage"])  # it was in storage
+    kept = sorted(p.name for p in (tmp_path / "ray" / "resume-test").glob("checkpoint-*"))
+    assert kept == ["checkpoint-000004"], kept  # num_to_keep=1: step 2 pruned after step 4
     log = json.loads((tmp_path / "model" / "train_log.json").read_text())
     assert log["resumed_from_step"] == 2
     assert log["global_step"] == 4

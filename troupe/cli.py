@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "plan": "troupe.plan:plan_cmd",
     "pipeline": "troupe.pipeline:pipeline_cli",
     "rayjob": "troupe.kube.cli:rayjob_cli",
+    "params": "troupe.params:params_cli",
 }
 
 
@@ -47,11 +48,13 @@ class LazyGroup(click.Group):
 def step_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """Add ``--params PATH`` and repeatable ``--set KEY=VALUE`` to a step command.
 
-    The wrapped function receives ``params`` (the loaded, overridden dict) instead of the two options.
+    The wrapped function receives ``params`` (the loaded, overridden, validated dict with defaults
+    filled in; see troupe.params) instead of the two options. A params file or override that does not
+    validate is a usage error: exit 2 with the message (file, dotted key, nearest valid key).
     """
     import functools
 
-    from troupe.config import load_params
+    from troupe.config import ConfigError, load_params
 
     @click.option(
         "--params",
@@ -70,7 +73,11 @@ def step_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )
     @functools.wraps(f)
     def wrapper(params_path: str, overrides: tuple[str, ...], **kw: Any) -> Any:
-        return f(params=load_params(params_path, overrides), **kw)
+        try:
+            params = load_params(params_path, overrides)
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+        return f(params=params, **kw)
 
     return wrapper
 

@@ -2,7 +2,9 @@
 
 Every step reads the same params file that ``dvc.yaml`` tracks; KFP components pass artifact paths
 as overrides (``--set paths.validated=/tmp/outputs/...``). Values given by ``--set`` are parsed as
-YAML scalars (``--set sft.max_steps=3`` gives an int).
+YAML scalars (``--set sft.max_steps=3`` gives an int). The result is validated by the typed model in
+:mod:`troupe.params` (unknown keys and wrong types are errors naming the key and the nearest valid
+one) and returned as a plain dict with every default filled in.
 """
 
 from __future__ import annotations
@@ -21,11 +23,18 @@ class ConfigError(ValueError):
 def load_params(
     path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Load ``path`` (YAML mapping) and apply ``key.sub=value`` overrides.
+    """Load ``path`` (YAML mapping), apply ``key.sub=value`` overrides, validate, fill defaults.
+
+    Returns:
+        A plain dict with every section and key of :class:`troupe.params.Params` (defaults filled in).
 
     Raises:
-        ConfigError: missing file, non-mapping YAML, or an override without ``=``.
+        ConfigError: missing file, non-mapping YAML, an override without ``=``, or params that do not
+            validate (unknown key, wrong type, value out of range; the message names the file or
+            ``--set`` item, the dotted key and the nearest valid key).
     """
+    from troupe.params import resolve
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found (pass --params PATH)")
@@ -35,11 +44,16 @@ def load_params(
         raise ConfigError(f"{p}: invalid YAML: {e}") from e
     if not isinstance(params, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
-    return apply_overrides(params, overrides)
+    overridden = {ov.split("=", 1)[0].strip(): ov for ov in overrides if "=" in ov}
+    return resolve(apply_overrides(params, overrides), source=str(p), overridden=overridden)
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Return a copy of ``params`` with each ``a.b.c=value`` override applied (YAML-typed value)."""
+    """Return a copy of ``params`` with each ``a.b.c=value`` override applied (YAML-typed value).
+
+    Generic (also used for Helm values by ``troupe rayjob --chart-set``): it does not validate; params
+    are validated by :func:`load_params` (or :func:`troupe.params.resolve`) after the overrides.
+    """
     out = copy.deepcopy(params)
     for ov in overrides:
         if "=" not in ov:

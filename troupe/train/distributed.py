@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,21 +36,45 @@ def accelerator_spec(name: str) -> tuple[str, str, dict[str, float]]:
 
 
 def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
-    """DeepSpeed config for ``train.zero_stage`` (0-3) and ``train.offload`` (false|optimizer|all).
+    """The DeepSpeed config of a run: the one generator (``troupe plan --deepspeed-config`` prints it too).
 
-    ZeRO stages per Rajbhandari et al. 2020 (arXiv:1910.02054): 1 partitions optimizer states,
-    2 also gradients, 3 also parameters. Mixed precision (bf16) is "auto" (on for GPU/NPU
-    TrainingArguments, off on CPU).
+    Keys read from ``train``: ``zero_stage`` (0-3), ``offload`` (false | optimizer | all) and
+    ``accelerator`` (cpu | nvidia | ascend). ZeRO stages per Rajbhandari et al. 2020
+    (arXiv:1910.02054): 1 partitions optimizer states, 2 also gradients, 3 also parameters.
+
+    * ``overlap_comm`` on GPU/NPU (reduce-scatter overlapped with backward, DeepSpeed's recommended
+      ZeRO-3 setting); off on CPU/gloo, where there is no separate comm stream to overlap with.
+    * Offload pins host memory on GPU/NPU (faster H2D/D2H copies) and declares the optimizer, so
+      DeepSpeed builds its own ``DeepSpeedCPUAdam`` for the offloaded states (the HF Trainer's torch
+      AdamW on offloaded states is what ``zero_force_ds_cpu_optimizer`` guards against; the guard
+      stays on).
+    * Mixed precision (bf16) is "auto" (on for GPU/NPU TrainingArguments, off on CPU); other "auto"
+      values are filled by the HF integration from TrainingArguments (transformers' DeepSpeed docs).
+
+    Raises:
+        ConfigError: a stage outside 0-3, an unknown offload or accelerator, param offload below stage 3.
     """
     stage = int(train.get("zero_stage", 3))
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={stage}: expected 0, 1, 2 or 3")
     offload = train.get("offload", False)
-    zero: dict[str, Any] = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
-    if offload in (True, "optimizer", "all"):
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if offload == "all" and stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if offload not in (False, None, True, "none", "optimizer", "all"):
+        raise ConfigError(f"train.offload={offload!r}: expected false, optimizer or all")
+    if offload == "all" and stage != 3:
+        raise ConfigError("train.offload=all (parameters too) needs train.zero_stage=3")
+    accel = str(train.get("accelerator", "cpu"))
+    accelerator_spec(accel)
+    on_device = accel != "cpu"
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": on_device, "contiguous_gradients": True}
+    cfg: dict[str, Any] = {}
+    if offload in (True, "optimizer", "all") and stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_device}
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    if offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_device}
     if stage == 3:
         zero.update(
             stage3_gather_16bit_weights_on_model_save=True,
@@ -58,13 +83,14 @@ def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
             reduce_bucket_size="auto",
         )
     return {
+        **cfg,
         "zero_optimization": zero,
         "bf16": {"enabled": "auto"},
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "zero_force_ds_cpu_optimizer": False,
+        # HF's torch AdamW without offload is fine; DeepSpeed only tests its own optimizers
         "zero_allow_untested_optimizer": True,
         "wall_clock_breakdown": False,
     }
@@ -81,7 +107,7 @@ def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
         logging_steps=1,
         save_strategy="steps" if int(train.get("checkpoint_every", 0)) > 0 else "no",
         save_steps=max(int(train.get("checkpoint_every", 0)), 1),
-        save_total_limit=1,
+        save_total_limit=1,  # local copies; storage keeps train.checkpoint_num_to_keep (Ray Train)
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -210,27 +236,45 @@ def _ray_init(num_cpus: int | None = None) -> None:
         )
 
 
-def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, storage: str | Path):
+def checkpoint_storage(train: dict[str, Any], out: str) -> str:
+    """Where Ray Train keeps a run's checkpoints: ``$TROUPE_CHECKPOINT_URI``, else
+    ``train.checkpoint_uri``, else ``.checkpoints`` beside the step's output location ``out``."""
+    from troupe import storage
+
+    explicit = os.environ.get("TROUPE_CHECKPOINT_URI") or train.get("checkpoint_uri")
+    if explicit:
+        return str(explicit)
+    if storage.is_remote(out):
+        return out.rstrip("/").rsplit("/", 1)[0] + "/.checkpoints"
+    return str(Path(out).resolve().parent / ".checkpoints")
+
+
+def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, storage_uri: str):
     """Run ``loop(config)`` on ``train.num_workers`` Ray Train workers and return the ``ray.train.Result``.
 
     Connects to ``RAY_ADDRESS`` when set (KubeRay / ``ray start`` cluster), else starts a local cluster
-    sized to the workers. Ray Train storage (checkpoints) is ``$TROUPE_CHECKPOINT_URI``, else
-    ``train.checkpoint_uri`` (e.g. ``s3://bucket/checkpoints``), else ``storage``. A lost worker restarts
-    the worker group up to ``train.max_failures`` times (default 0); with ``train.checkpoint_every`` > 0
-    the restarted group resumes from the last reported checkpoint.
+    sized to the workers. Checkpoints go to ``storage_uri/name`` (a path or ``s3://`` URI, through
+    :mod:`troupe.storage`'s filesystem); ``train.checkpoint_num_to_keep`` newest are kept. ``name`` is
+    the run's stable identity: a resubmitted job (a KubeRay retry, a re-run of the same pipeline run)
+    with the same name finds Ray Train's checkpoint-manager snapshot there and resumes from the last
+    checkpoint instead of step 0. A lost worker restarts the worker group up to ``train.max_failures``
+    times, also from the last checkpoint.
 
     Raises:
         ConfigError: unknown accelerator.
         ray.train.TrainingFailedError: a worker failed beyond ``max_failures``.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = os.environ.get("TROUPE_CHECKPOINT_URI") or train.get("checkpoint_uri") or storage
+    from troupe import storage
+
     backend, ds_acc, resources = accelerator_spec(train.get("accelerator", "cpu"))
     os.environ.setdefault("DS_ACCELERATOR", ds_acc)
     n = int(train.get("num_workers", 2))
     _ray_init(num_cpus=max(n, os.cpu_count() or 1) if backend == "gloo" else None)
+    fs, path = storage.filesystem(storage_uri)
+    keep = int(train.get("checkpoint_num_to_keep", 2))
     trainer = TorchTrainer(
         loop,
         train_loop_config=config,
@@ -240,31 +284,47 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(Path(storage).resolve()) if "://" not in str(storage) else str(storage),
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=keep if keep > 0 else None),
             failure_config=FailureConfig(max_failures=int(train.get("max_failures", 0))),
         ),
     )
     return trainer.fit()
 
 
-def _shared_dataset(cfg: dict[str, Any]):
-    """The training examples as a ``datasets.Dataset`` all ranks read from one directory.
+def node_scratch(cfg: dict[str, Any]) -> Path:
+    """This node's scratch directory for the run (``$TROUPE_SCRATCH/runs/<run name>``).
 
-    Under torch.distributed, rank 0 saves the examples to ``<scratch>/dataset`` and every rank loads
-    it after a barrier, so the cache files TRL writes while preprocessing (e.g. precomputed reference
-    log-probs, computed on the main process first) live in one place every rank can open; an
-    in-memory dataset keeps them in a per-process temp dir. ``scratch`` must be shared storage on a
-    multi-node cluster (the training chart mounts one volume on every pod).
+    Node-local by design: nothing written here is read by a process on another node. Inputs are
+    downloaded here (:func:`troupe.storage.local_copy`) and outputs uploaded from here.
+    """
+    from troupe import storage
+
+    d = storage.scratch_root() / "runs" / cfg["run_name"]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _node_dataset(cfg: dict[str, Any]):
+    """The training examples as a ``datasets.Dataset`` saved once per node and loaded by its ranks.
+
+    The node's first local rank saves the examples to ``<node scratch>/dataset-<method>`` and the
+    node's ranks load it after a barrier, so the cache files TRL writes while preprocessing (e.g.
+    DPO's precomputed reference log-probs, written by the node's first rank, see
+    :func:`_node_local_cache`) are in a directory every rank on that node can open. No directory is
+    shared between nodes.
     """
     import shutil
 
+    import ray.train
     import torch.distributed as dist
     from datasets import Dataset, load_from_disk
 
     if not (dist.is_available() and dist.is_initialized()):
         return Dataset.from_list(cfg["examples"])
-    d = Path(cfg["scratch"]) / "dataset"
-    if dist.get_rank() == 0:
+    d = node_scratch(cfg) / f"dataset-{cfg['method']}"
+    if ray.train.get_context().get_local_rank() == 0:
         shutil.rmtree(d, ignore_errors=True)
         Dataset.from_list(cfg["examples"]).save_to_disk(str(d))
     dist.barrier()
@@ -301,15 +361,15 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
 
     mod = importlib.import_module(f"troupe.train.{cfg['method']}")
     args, trainer_cls = mod.make_trainer_args(cfg, common)
-    tok = AutoTokenizer.from_pretrained(cfg["base_model"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_model"])
+    tok = AutoTokenizer.from_pretrained(cfg["base_model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_model_dir"])
     attn = training_attention(cfg["train"], padding_free=bool(getattr(args, "padding_free", False)))
     if attn:
         model.set_attn_implementation(attn)
     trainer = trainer_cls(
         model=model,
         args=args,
-        train_dataset=_shared_dataset(cfg),
+        train_dataset=_node_dataset(cfg),
         processing_class=tok,
         callbacks=[
             make_progress_callback(
@@ -319,9 +379,7 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
     if int(cfg["train"].get("checkpoint_every", 0)) > 0:
-        from ray.train.huggingface.transformers import RayTrainReportCallback
-
-        trainer.add_callback(RayTrainReportCallback())  # each HF checkpoint -> Ray storage (local or S3)
+        trainer.add_callback(_report_checkpoint_callback())  # each HF checkpoint -> Ray storage (local or S3)
     if int(cfg["train"].get("fault_injection_step", 0)) > 0:
         trainer.add_callback(_fault_injection_callback(cfg))
     return trainer
@@ -342,7 +400,7 @@ def _fault_injection_callback(cfg: dict[str, Any]):
     from transformers import TrainerCallback
 
     step = int(cfg["train"]["fault_injection_step"])
-    marker = Path(cfg["scratch"]) / "fault-injected"
+    marker = node_scratch(cfg) / "fault-injected"
 
     class FaultInjection(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -363,99 +421,223 @@ def _fault_injection_callback(cfg: dict[str, Any]):
     return FaultInjection()
 
 
+#: Files of one rank in a DeepSpeed + HF checkpoint: ZeRO partitions (``zero_pp_rank_<r>_mp_rank_00_*``,
+#: ``bf16_zero_pp_rank_<r>_*``) and HF's RNG state (``rng_state_<r>.pth``). Everything else (weights
+#: config, ``trainer_state.json``, scheduler, DeepSpeed's ``latest``) is common and written by rank 0.
+RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_state_)(\d+)")
+
+
+def own_checkpoint_file(relpath: str, rank: int) -> bool:
+    """True when ``relpath`` (a file of a checkpoint) belongs to ``rank``: its own shard or a common file."""
+    m = RANK_FILE.search(relpath.rsplit("/", 1)[-1])
+    return m is None or int(m.group(1)) == rank
+
+
+def _report_checkpoint_callback():
+    """A ``TrainerCallback`` that reports each HF checkpoint to Ray Train storage from every rank.
+
+    Each rank trains with its own ``output_dir`` (:func:`train_loop`), so its ``checkpoint-<step>``
+    holds only what that rank wrote: its ZeRO partition and RNG state, plus the common files on rank
+    0. Ray Train merges the ranks' uploads into one checkpoint directory in storage: every rank
+    uploads only its own shard (not the whole checkpoint, as with one output dir per node).
+    """
+    from transformers import TrainerCallback
+
+    class ReportCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            import ray.train
+
+            d = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            losses = [h["loss"] for h in state.log_history if "loss" in h]
+            ray.train.report(
+                {"step": state.global_step, **({"loss": float(losses[-1])} if losses else {})},
+                checkpoint=ray.train.Checkpoint.from_directory(str(d)),
+                checkpoint_dir_name=f"checkpoint-{state.global_step:06d}",
+            )
+
+    return ReportCheckpoint()
+
+
 def _resume_dir(cfg: dict[str, Any], rank: int) -> tuple[str | None, int | None]:
-    """(local HF checkpoint dir, its global step) of Ray Train's latest checkpoint, or (None, None)."""
+    """(local HF checkpoint dir, its global step) of Ray Train's latest checkpoint, or (None, None).
+
+    Downloads only this rank's files (its ZeRO partition, its RNG state and the common files, see
+    :func:`own_checkpoint_file`) into node-local scratch; other ranks' partitions stay in storage.
+    """
+    import pyarrow.fs as pafs
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None, None
-    local = Path(cfg["scratch"]) / f"resume-rank{rank}"
-    ckpt.to_directory(str(local))
-    d = local / "checkpoint"
-    state = json.loads((d / "trainer_state.json").read_text())
-    return str(d), int(state["global_step"])
+    local = node_scratch(cfg) / f"resume-rank{rank}"
+    fs, base = ckpt.filesystem, ckpt.path.rstrip("/")
+    files = [
+        i.path[len(base) + 1 :]
+        for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        if i.type == pafs.FileType.File
+    ]
+    mine = [f for f in files if own_checkpoint_file(f, rank)]
+    for rel in mine:
+        dst = local / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(
+            f"{base}/{rel}", str(dst), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+    (local / "troupe_resume.json").write_text(
+        json.dumps({"rank": rank, "downloaded": mine, "in_storage": files})
+    )
+    state = json.loads((local / "trainer_state.json").read_text())
+    return str(local), int(state["global_step"])
+
+
+def _write_train_log(trainer, result, resumed_step: int | None, out_dir: Path) -> None:
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    (out_dir / "train_log.json").write_text(
+        json.dumps(
+            {
+                "log_history": hist,
+                "train_runtime_s": result.metrics.get("train_runtime"),
+                "tokens_seen": trainer.state.num_input_tokens_seen,
+                "global_step": trainer.state.global_step,
+                "resumed_from_step": resumed_step,
+            },
+            indent=1,
+        )
+    )
 
 
 def train_loop(cfg: dict[str, Any]) -> None:
     """Per-worker loop for SFT and DPO (runs inside a Ray Train worker).
 
-    Every rank joins the ZeRO-3 weight gather in ``save_model``; rank 0 writes the tokenizer and
-    ``train_log.json`` (loss history, runtime, real tokens seen).
+    Reads only locations every node can reach: the base model (``cfg["base_model"]``, a path or
+    URI) is downloaded into this node's scratch; each rank trains with its own ``output_dir`` in
+    node scratch (local checkpoints); every rank joins the ZeRO-3 16-bit weight gather in
+    ``save_model`` and rank 0 writes the model, the tokenizer and ``train_log.json`` to node scratch
+    and uploads them to ``cfg["out"]`` (a path on one machine, ``s3://...`` on a cluster).
     """
     import ray.train
 
-    rank = ray.train.get_context().get_world_rank()
+    from troupe import storage
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cfg = dict(cfg)
+    cfg["base_model_dir"] = str(storage.local_copy(cfg["base_model"], what=cfg["base_model_setting"]))
+    cfg["scratch"] = str(node_scratch(cfg) / f"rank{rank}")
     join_deepspeed(cfg["train"])
     trainer = build_trainer(cfg, training_args_common(cfg["train"]))
     resume, resumed_step = _resume_dir(cfg, rank)
     if resume:
-        print(f"[{cfg['method']}] resuming from checkpoint at step {resumed_step}", flush=True)
+        print(f"[{cfg['method']}] rank {rank} resuming from checkpoint at step {resumed_step}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(cfg["out_dir"])
+    local_out = node_scratch(cfg) / "model"
+    trainer.save_model(str(local_out))  # ZeRO-3: every rank gathers, rank 0 writes 16-bit weights
     if rank == 0:
-        trainer.processing_class.save_pretrained(cfg["out_dir"])
-        hist = [h for h in trainer.state.log_history if "loss" in h]
-        Path(cfg["out_dir"], "train_log.json").write_text(
-            json.dumps(
-                {
-                    "log_history": hist,
-                    "train_runtime_s": result.metrics.get("train_runtime"),
-                    "tokens_seen": trainer.state.num_input_tokens_seen,
-                    "global_step": trainer.state.global_step,
-                    "resumed_from_step": resumed_step,
-                },
-                indent=1,
-            )
-        )
+        trainer.processing_class.save_pretrained(str(local_out))
+        _write_train_log(trainer, result, resumed_step, local_out)
+        storage.upload(local_out, cfg["out"])
     ray.train.report(
         {"loss": float(result.training_loss), "tokens_seen": int(trainer.state.num_input_tokens_seen)}
     )
+
+
+def run_identity(params: dict[str, Any], method: str) -> str:
+    """The Ray Train run name of a training step: ``<method>-<pipeline run key>``.
+
+    Stable across retries of the same run (``$TROUPE_PIPELINE_RUN`` = the KFP run id or RayJob
+    name, else a hash of params and data, :func:`troupe.tracking.pipeline_run_key`), so a retried job
+    finds its checkpoints; never an id minted per attempt.
+    """
+    from troupe.tracking import pipeline_run_key
+
+    return f"{method}-{pipeline_run_key(params)}"
 
 
 def run_training_step(
     params: dict[str, Any],
     method: str,
     examples: list[dict[str, Any]],
-    base_model: Path,
-    out: Path,
+    base_model: str,
+    out: str,
     extra_metrics: dict[str, float],
-) -> Path:
+    *,
+    base_model_setting: str = "paths.base_model",
+) -> str:
     """Driver side of SFT/DPO: MLflow child run ``method``, Ray Train fit, loss plot + log artifacts.
 
-    Returns ``out`` (the trained HF checkpoint dir with ``train_log.json``, ``loss.png``, ``loss.csv``).
+    Args:
+        params: the params dict.
+        method: ``sft`` or ``dpo``.
+        examples: tokenized/conversational examples (travel to the workers inside the Ray config).
+        base_model: the model to start from, a path or URI every worker can read.
+        out: where the trained model goes, a path or URI (``s3://...``); receives the HF checkpoint,
+            ``train_log.json``, ``loss.png`` and ``loss.csv``.
+        extra_metrics: logged on the step's MLflow run.
+        base_model_setting: the params key that named ``base_model`` (for error messages).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        troupe.storage.StorageError: ``base_model`` unreadable, checked before any worker starts.
     """
+    import shutil
+
     import mlflow
 
+    from troupe import storage
     from troupe.tracking import step_run, tracking_uri
     from troupe.train.plots import plot_loss
 
     train = params["train"]
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(base_model):
+        base_model = str(Path(base_model).resolve())
+    if not storage.is_remote(out):
+        out = str(Path(out).resolve())
+    storage.check_readable(base_model, base_model_setting, kind="dir")
+    name = run_identity(params, method)
+    ckpt_root = checkpoint_storage(train, out)
     with step_run(params, method, (method, "train", "data", "model")) as run:
         mlflow.log_metrics(extra_metrics)
+        mlflow.set_tags(
+            {
+                "troupe.ray_run": name,
+                "troupe.checkpoints": storage.join(ckpt_root, name),
+                "troupe.output": out,
+            }
+        )
         cfg = dict(
             method=method,
             hp=params[method],
             train=train,
             cutoff_len=int(params["data"]["cutoff_len"]),
-            base_model=str(base_model.resolve()),
-            out_dir=str(out),
-            scratch=str(out.parent / f".scratch-{method}"),
+            base_model=base_model,
+            base_model_setting=base_model_setting,
+            out=out,
+            run_name=name,
             examples=examples,
             mlflow_run_id=run.info.run_id,
             tracking_uri=tracking_uri(),
         )
         t0 = time.time()
-        run_on_ray(
-            train_loop,
-            cfg,
-            train,
-            name=f"{method}-{run.info.run_id[:8]}",
-            storage=out.parent / ".ray-results",
-        )
+        run_on_ray(train_loop, cfg, train, name=name, storage_uri=ckpt_root)
         mlflow.log_metric("wall_s", time.time() - t0)
-        log = json.loads((out / "train_log.json").read_text())
-        mlflow.log_artifact(str(plot_loss(log["log_history"], out / "loss.png", method.upper())))
-        mlflow.log_artifact(str(out / "train_log.json"))
+        log = json.loads(storage.read_text(storage.join(out, "train_log.json")))
+        local = storage.scratch_root() / "runs" / name / "driver"
+        local.mkdir(parents=True, exist_ok=True)
+        png = plot_loss(log["log_history"], local / "loss.png", method.upper())
+        for f in (png, local / "loss.csv"):
+            if f.is_file():
+                mlflow.log_artifact(str(f))
+                storage.upload(f, storage.join(out, f.name))
+        mlflow.log_dict(log, "train_log.json")
+    # the run finished and its model is published: its checkpoints are no longer a resume point
+    # (a later run with the same identity must train, not restore the finished one)
+    fs, path = storage.filesystem(storage.join(ckpt_root, name))
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+    shutil.rmtree(storage.scratch_root() / "runs" / name, ignore_errors=True)
     return out

@@ -8,26 +8,27 @@ context messages, ``chosen`` / ``rejected`` = one assistant message each.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from troupe.config import ConfigError, path_of, section
+from troupe.config import ConfigError, section
 from troupe.contract import load_characters
 
 
 def build_dpo_examples(params: dict[str, Any]) -> list[dict[str, Any]]:
     """Conversational preference examples from ``paths.pairs/pairs.jsonl``."""
+    from troupe import storage
     from troupe.train.encoding import chat_messages
     from troupe.train.pairs import load_pairs
 
-    chars = load_characters(path_of(params, "splits") / "characters.jsonl")
+    paths = section(params, "paths")
+    chars = load_characters(storage.local_copy(paths["splits"], what="paths.splits") / "characters.jsonl")
     return [
         {
             "prompt": chat_messages(p.messages, chars[p.character_id]),
             "chosen": [{"role": "assistant", "content": p.chosen}],
             "rejected": [{"role": "assistant", "content": p.rejected}],
         }
-        for p in load_pairs(path_of(params, "pairs"))
+        for p in load_pairs(storage.local_copy(paths["pairs"], what="paths.pairs"))
     ]
 
 
@@ -51,27 +52,57 @@ def make_trainer_args(cfg: dict[str, Any], common: dict[str, Any]):
         seed=int(hp.get("seed", 17)),
         **common,
     )
-    return args, DPOTrainer
+    return args, node_local_dpo_trainer(DPOTrainer)
 
 
-def train_dpo(params: dict[str, Any]) -> Path:
+def node_local_dpo_trainer(base: type) -> type:
+    """``base`` (TRL's ``DPOTrainer``) whose precomputed reference log-probs are cached per node.
+
+    TRL writes the cache of precomputed reference log-probs on the global main process only and
+    every rank then reads that file back, which needs a disk shared by all nodes. Here each node's
+    first local rank writes it into the node's own dataset directory (all ranks hold the gathered
+    log-probs, so every node writes the same values); nothing is read across nodes.
+    """
+    import accelerate
+
+    class NodeLocalDPOTrainer(base):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            prop = accelerate.Accelerator.is_main_process
+            accelerate.Accelerator.is_main_process = property(lambda a: a.is_local_main_process)
+            try:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                accelerate.Accelerator.is_main_process = prop
+
+    NodeLocalDPOTrainer.__name__ = NodeLocalDPOTrainer.__qualname__ = f"NodeLocal{base.__name__}"
+    return NodeLocalDPOTrainer
+
+
+def train_dpo(params: dict[str, Any]) -> str:
     """Run DPO from ``paths.sft_model`` on ``paths.pairs``; writes ``paths.dpo_model`` and returns it.
+
+    ``paths.*`` may be local paths or URIs (:mod:`troupe.storage`), checked before any compute.
 
     Raises:
         ConfigError: no preference pair to train on.
+        troupe.storage.StorageError: an input that cannot be read (names the setting and why).
     """
+    from troupe import storage
     from troupe.train.distributed import run_training_step
 
     section(params, "dpo")
+    paths = section(params, "paths")
+    storage.check_readable(paths["sft_model"], "paths.sft_model", kind="dir")
     examples = build_dpo_examples(params)
     if not examples:
-        raise ConfigError(f"{path_of(params, 'pairs') / 'pairs.jsonl'}: no preference pairs")
-    print(f"[dpo] {len(examples)} pairs, policy/reference {path_of(params, 'sft_model')}", flush=True)
+        raise ConfigError(f"{paths['pairs']}/pairs.jsonl: no preference pairs")
+    print(f"[dpo] {len(examples)} pairs, policy/reference {paths['sft_model']}", flush=True)
     return run_training_step(
         params,
         "dpo",
         examples,
-        path_of(params, "sft_model"),
-        path_of(params, "dpo_model").resolve(),
+        str(paths["sft_model"]),
+        str(paths["dpo_model"]),
         {"pairs": len(examples)},
+        base_model_setting="paths.sft_model",
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from troupe.checks import check_reply, last_user_text
-from troupe.config import path_of, section
+from troupe.config import section
 from troupe.contract import Dialogue, Message, PreferencePair, load_characters, read_jsonl, write_jsonl
 
 
@@ -36,19 +36,29 @@ def contexts(
     return out[:max_pairs] if max_pairs else out
 
 
-def build_pairs(params: dict[str, Any]) -> Path:
-    """Write ``paths.pairs/pairs.jsonl`` + ``pairs_report.json``; returns the directory.
+def build_pairs(params: dict[str, Any]) -> str:
+    """Write ``paths.pairs/pairs.jsonl`` + ``pairs_report.json``; returns ``paths.pairs``.
 
-    Reads ``paths.splits`` (train.jsonl, characters.jsonl), ``paths.sft_model`` and ``paths.base_model``.
+    Reads ``paths.splits`` (train.jsonl, characters.jsonl), ``paths.sft_model`` and ``paths.base_model``;
+    each a local path or a URI (:mod:`troupe.storage`).
     """
+    from troupe import storage
+
+    paths = section(params, "paths")
+    with storage.output_dir(paths["pairs"]) as out:
+        _build_pairs(params, out)
+    return str(paths["pairs"])
+
+
+def _build_pairs(params: dict[str, Any], out: Path) -> None:
+    from troupe import storage
     from troupe.generation import generate
     from troupe.modeling import load_model
     from troupe.train.encoding import prompt_text
 
     cfg = section(params, "pairs")
-    splits = path_of(params, "splits")
-    out = path_of(params, "pairs")
-    out.mkdir(parents=True, exist_ok=True)
+    paths = section(params, "paths")
+    splits = storage.local_copy(paths["splits"], what="paths.splits")
     chars = load_characters(splits / "characters.jsonl")
     ctx = contexts(
         read_jsonl(splits / "train.jsonl", Dialogue),
@@ -58,7 +68,7 @@ def build_pairs(params: dict[str, Any]) -> Path:
     gen_kw = dict(
         max_new_tokens=int(cfg.get("max_new_tokens", 48)), temperature=float(cfg.get("temperature", 0.9))
     )
-    sft_model, tok = load_model(path_of(params, "sft_model"))
+    sft_model, tok = load_model(storage.local_copy(paths["sft_model"], what="paths.sft_model"))
     prompts = [prompt_text(tok, msgs, chars[d.character_id]) for d, msgs, _ in ctx]
     sft_samples = generate(sft_model, tok, prompts, desc="pairs/sft", **gen_kw)
     del sft_model
@@ -74,7 +84,7 @@ def build_pairs(params: dict[str, Any]) -> Path:
     need_base = [i for i, c in enumerate(checks) if not c.violations]
     base_samples: dict[int, str] = {}
     if need_base:
-        base_model, btok = load_model(path_of(params, "base_model"))
+        base_model, btok = load_model(storage.local_copy(paths["base_model"], what="paths.base_model"))
         gens = generate(
             base_model, btok, [prompts[i] for i in need_base], desc="pairs/base", seed=1, **gen_kw
         )
@@ -108,7 +118,6 @@ def build_pairs(params: dict[str, Any]) -> Path:
     }
     (out / "pairs_report.json").write_text(json.dumps(report, indent=2))
     print(f"[pairs] {report}", flush=True)
-    return out
 
 
 def load_pairs(pairs_dir: Path) -> list[PreferencePair]:

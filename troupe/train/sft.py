@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from troupe.config import ConfigError, path_of, section
+from troupe.config import ConfigError, section
 from troupe.contract import Dialogue, load_characters, read_jsonl
 
 
@@ -57,25 +57,32 @@ def make_trainer_args(cfg: dict[str, Any], common: dict[str, Any]):
     return args, SFTTrainer
 
 
-def train_sft(params: dict[str, Any]) -> Path:
-    """Run SFT as configured in ``params`` (sections sft, train, data) and return the model dir.
+def train_sft(params: dict[str, Any]) -> str:
+    """Run SFT as configured in ``params`` (sections sft, train, data) and return the model location.
 
     Reads ``paths.splits`` and ``paths.base_model``; writes ``paths.sft_model`` (HF checkpoint +
-    ``train_log.json`` + loss plot) and logs params and per-step metrics to the MLflow child run ``sft``.
+    ``train_log.json`` + loss plot) and logs params and per-step metrics to the MLflow child run
+    ``sft``. Every ``paths.*`` may be a local path or a URI (``s3://...``, :mod:`troupe.storage`);
+    inputs are checked before any compute starts.
 
     Raises:
         ConfigError: no trainable dialogue in ``train.jsonl``.
+        troupe.storage.StorageError: an input that cannot be read (names the setting and why).
     """
     from transformers import AutoTokenizer
 
+    from troupe import storage
     from troupe.train.distributed import run_training_step
 
     section(params, "sft")
-    base = path_of(params, "base_model")
-    tok = AutoTokenizer.from_pretrained(str(base))
-    examples = build_sft_examples(path_of(params, "splits"), tok, int(section(params, "data")["cutoff_len"]))
+    paths = section(params, "paths")
+    base = str(paths["base_model"])
+    storage.check_readable(base, "paths.base_model", kind="dir")
+    splits = storage.local_copy(paths["splits"], what="paths.splits")
+    tok = AutoTokenizer.from_pretrained(str(storage.local_copy(base, what="paths.base_model")))
+    examples = build_sft_examples(splits, tok, int(section(params, "data")["cutoff_len"]))
     if not examples:
-        raise ConfigError(f"{path_of(params, 'splits') / 'train.jsonl'}: no trainable dialogues")
+        raise ConfigError(f"{paths['splits']}/train.jsonl: no trainable dialogues")
     n_tokens = sum(sum(e["assistant_masks"]) for e in examples)
     print(f"[sft] {len(examples)} dialogues, {n_tokens} character tokens, base {base}", flush=True)
     return run_training_step(
@@ -83,6 +90,6 @@ def train_sft(params: dict[str, Any]) -> Path:
         "sft",
         examples,
         base,
-        path_of(params, "sft_model").resolve(),
+        str(paths["sft_model"]),
         {"train_dialogues": len(examples), "train_loss_tokens": n_tokens},
     )

@@ -9,10 +9,6 @@ HTTP, so serialisation, URLs and error handling are exercised for real; only the
 
 from __future__ import annotations
 
-import json
-import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from tests.kube_standin import FakeKube
 from troupe.config import ConfigError
 from troupe.kube.rayjob import (
     RayJobError,
@@ -34,105 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "troupe-training"
 NS = "troupe-test"
 ROLE = {"aws": {"roleArn": "arn:aws:iam::123456789012:role/troupe-test-training"}}
-RJ = re.compile(r"^/apis/ray\.io/v1/namespaces/([^/]+)/rayjobs(?:/([^/?]+))?")
-PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/?]+)/log)?")
-CMS = re.compile(r"^/api/v1/namespaces/([^/]+)/configmaps(?:/([^/?]+))?")
-
-
-class FakeKube:
-    """Loopback HTTP stand-in for the Kubernetes API (see module docstring)."""
-
-    def __init__(self, statuses: list[dict[str, Any]], create_status: int = 201, log_text: str = ""):
-        self.statuses = list(statuses)
-        self.create_status = create_status
-        self.log_text = log_text
-        self.created: list[dict[str, Any]] = []
-        self.deleted: list[str] = []
-        self.configmaps: dict[str, dict[str, Any]] = {}
-        self.gets = 0
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _send(self, code: int, body: Any, ctype: str = "application/json") -> None:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self) -> dict[str, Any]:
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n) or b"{}")
-
-            def _status(self, code: int, reason: str, message: str) -> None:
-                self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                                  "reason": reason, "message": message, "code": code})  # fmt: skip
-
-            def do_POST(self) -> None:  # noqa: N802
-                if RJ.match(self.path):
-                    body = self._body()
-                    if fake.create_status != 201:
-                        return self._status(fake.create_status, "AlreadyExists",
-                                            f'rayjobs.ray.io "{body["metadata"]["name"]}" already exists')  # fmt: skip
-                    fake.created.append(body)
-                    return self._send(201, body)
-                if CMS.match(self.path):
-                    body = self._body()
-                    if body["metadata"]["name"] in fake.configmaps:
-                        return self._status(409, "AlreadyExists", "configmap exists")
-                    fake.configmaps[body["metadata"]["name"]] = body
-                    return self._send(201, body)
-                self._status(404, "NotFound", self.path)
-
-            def do_PUT(self) -> None:  # noqa: N802
-                if (m := CMS.match(self.path)) and m.group(2):
-                    fake.configmaps[m.group(2)] = self._body()
-                    return self._send(200, fake.configmaps[m.group(2)])
-                self._status(404, "NotFound", self.path)
-
-            def do_GET(self) -> None:  # noqa: N802
-                if (m := RJ.match(self.path)) and m.group(2):
-                    found = [o for o in fake.created if o["metadata"]["name"] == m.group(2)]
-                    if not found or m.group(2) in fake.deleted:
-                        return self._status(404, "NotFound", "no such rayjob")
-                    i = min(fake.gets, len(fake.statuses) - 1)
-                    fake.gets += 1
-                    return self._send(200, {**found[0], "status": fake.statuses[i]})
-                if m := PODS.match(self.path):
-                    if m.group(2):
-                        return self._send(200, fake.log_text[: 20 * fake.gets], "text/plain")
-                    return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {},
-                                            "items": [{"metadata": {"name": "submitter-x1"}}]})  # fmt: skip
-                self._status(404, "NotFound", self.path)
-
-            def do_DELETE(self) -> None:  # noqa: N802
-                if (m := RJ.match(self.path)) and m.group(2):
-                    fake.deleted.append(m.group(2))
-                    return self._send(200, {"kind": "Status", "status": "Success"})
-                self._status(404, "NotFound", self.path)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> FakeKube:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def api(self) -> Any:
-        from kubernetes import client
-
-        cfg = client.Configuration()
-        cfg.host = self.url
-        return client.CustomObjectsApi(client.ApiClient(cfg))
 
 
 def params() -> dict[str, Any]:
@@ -208,9 +106,53 @@ def test_timeout_raises_and_deletes() -> None:
 
 
 def test_refused_create_names_the_api_message_and_deletes_nothing() -> None:
-    with FakeKube([RUNNING], create_status=409) as kube, pytest.raises(RayJobError, match="already exists"):
+    with FakeKube([RUNNING], create_status=422) as kube, pytest.raises(RayJobError, match="HTTP 422"):
         submit_rayjob(manifest(), NS, timeout_s=5, api=kube.api(), poll_s=0.01, log=lambda s: None)
     assert kube.deleted == []  # not ours to delete
+
+
+def test_existing_rayjob_is_adopted_when_the_task_is_retried() -> None:
+    """A KFP task retry finds its RayJob (same name) running: follow it instead of failing on 409."""
+    lines: list[str] = []
+    with FakeKube(
+        [RUNNING, {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}], create_status=409
+    ) as kube:
+        status = submit_rayjob(manifest(), NS, timeout_s=5, api=kube.api(), poll_s=0.01, log=lines.append)
+    assert status["jobStatus"] == "SUCCEEDED" and kube.deleted == []
+    assert any("exists already" in line for line in lines)
+
+
+def test_waits_through_kuberay_retries_up_to_backoff_limit() -> None:
+    """KubeRay shows jobStatus FAILED while it retries under backoffLimit: not a failure of the run."""
+    failed = {"jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "failed": 1}
+    ok = {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED", "failed": 1}
+    job = manifest()
+    assert job["spec"]["backoffLimit"] == 1
+    lines: list[str] = []
+    with FakeKube([RUNNING, failed, {**RUNNING, "failed": 1}, ok]) as kube:
+        status = submit_rayjob(job, NS, timeout_s=5, api=kube.api(), poll_s=0.01, log=lines.append)
+    assert status["jobStatus"] == "SUCCEEDED" and kube.deleted == []
+    assert any("KubeRay retries from the last checkpoint" in line for line in lines)
+    spent = {"jobDeploymentStatus": "Running", "jobStatus": "FAILED", "failed": 2}
+    with FakeKube([RUNNING, failed, spent]) as kube, pytest.raises(RayJobError, match="after 2 attempts"):
+        submit_rayjob(job, NS, timeout_s=5, api=kube.api(), poll_s=0.01, log=lambda s: None)
+    assert kube.deleted == ["run-1-sft"]
+
+
+def test_sigterm_deletes_the_rayjob() -> None:
+    """KFP stops a run by deleting its pod (SIGTERM): the RayJob must not keep training."""
+    import os
+    import signal
+    import threading
+
+    from troupe.kube.rayjob import Terminated
+
+    with FakeKube([RUNNING]) as kube:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Terminated):
+            submit_rayjob(manifest(), NS, timeout_s=30, api=kube.api(), poll_s=0.02, log=lambda s: None)
+    assert kube.deleted == ["run-1-sft"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
 
 
 def test_missing_kubeconfig_names_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,3 +219,34 @@ def test_cli_submit_through_kubeconfig(tmp_path: Path, monkeypatch: pytest.Monke
     assert kube.deleted == ["r3-sft"]
     assert "r3-params" in kube.configmaps
     assert kube.created[0]["spec"]["entrypoint"] == "troupe train sft --params /etc/troupe/params.yaml"
+
+
+def test_chart_rbac_lets_the_pipeline_do_what_the_submitter_does() -> None:
+    """The Role the chart grants the KFP ServiceAccount covers every API call of the submitter."""
+    from troupe.kube.rayjob import SUBMITTER_RBAC
+
+    helm = pytest.importorskip("helm_python")
+    values = merge_values(chart_values(CHART, ["values-prod.yaml"]), ROLE)
+    out = helm.Chart.load(CHART).render(values, name="r", namespace=NS)
+    docs = [d for t in out.values() for d in yaml.safe_load_all(t) if d]
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"]
+    for group, resource, verbs in SUBMITTER_RBAC:
+        granted = set().union(*(set(r["verbs"]) for r in role["rules"]
+                                if group in r["apiGroups"] and resource in r["resources"]))  # fmt: skip
+        assert verbs <= granted, (group, resource, verbs - granted)
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+
+
+def test_prod_rayjob_requests_efa_and_carries_run_identity() -> None:
+    """NCCL over EFA needs the interfaces requested; a retry finds its checkpoints by TROUPE_PIPELINE_RUN."""
+    p = merge_values(params(), {"train": {"accelerator": "nvidia", "num_workers": 32}})
+    values = training_values(p, "sft", chart_dir=CHART, value_files=["values-prod.yaml"],
+                             overrides={**ROLE, "run": {"id": "kfp-run-7"}})  # fmt: skip
+    job = rayjob_manifest(values, release="r", namespace=NS, chart_dir=CHART)
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["vpc.amazonaws.com/efa"] == 32
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    assert env["TROUPE_PIPELINE_RUN"] == "kfp-run-7" and env["FI_PROVIDER"] == "efa"
+    assert int(env["TROUPE_CHECKPOINT_EVERY"]) > 0  # checkpointing on in production
+    assert job == chart_rayjob(values, "r")

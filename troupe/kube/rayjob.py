@@ -12,6 +12,7 @@ and the submitter pod's log, and deletes the RayJob on any failure so nothing ha
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import time
@@ -25,12 +26,24 @@ from troupe.config import ConfigError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 STEPS = ("sft", "dpo")
-PARAMS_MOUNT = "/etc/troupe"
 
 #: Deployment states after which the RayJob will not make progress (KubeRay v1 ``JobDeploymentStatus``).
+#: KubeRay sets ``Failed`` only once ``backoffLimit`` retries are spent; while it retries, the
+#: previous attempt's ``jobStatus`` FAILED stays visible beside ``Retrying``/``Initializing``.
 FAILED_DEPLOYMENT = {"Failed", "ValidationFailed"}
-#: Terminal ``jobStatus`` values of the Ray job that are not success.
+#: ``jobStatus`` values of a Ray job attempt that did not succeed (terminal only with FAILED_DEPLOYMENT
+#: or once ``status.failed`` exceeds ``spec.backoffLimit``).
 FAILED_JOB = {"FAILED", "STOPPED"}
+
+#: The Kubernetes API calls :func:`submit_rayjob` and ``troupe rayjob submit`` make, as RBAC rules:
+#: the training chart's ``templates/rbac.yaml`` grants them to the KFP pipeline's ServiceAccount
+#: (``tests/test_charts.py`` checks the rendered Role covers every rule).
+SUBMITTER_RBAC: tuple[tuple[str, str, frozenset[str]], ...] = (
+    ("ray.io", "rayjobs", frozenset({"create", "get", "delete"})),
+    ("", "configmaps", frozenset({"create", "get", "update"})),
+    ("", "pods", frozenset({"list"})),
+    ("", "pods/log", frozenset({"get"})),
+)
 
 
 class RayJobError(RuntimeError):
@@ -218,16 +231,8 @@ def rayjob_manifest(
     acc = _accelerator(v)
     labels = _labels(release, chart_meta(chart_dir))
     image = f"{v['image']['repository']}:{v['image']['version']}-{acc['imageSuffix']}"
-    env = [
-        {"name": "TROUPE_ACCELERATOR", "value": _quote(v["accelerator"])},
-        {"name": "MLFLOW_TRACKING_URI", "value": _quote(v["mlflow"]["trackingUri"])},
-        {"name": "TROUPE_CHECKPOINT_URI", "value": _quote(v["checkpoints"]["s3Uri"])},
-        {"name": "AWS_DEFAULT_REGION", "value": _quote(v["aws"]["region"])},
-    ]
-    env += [
-        {"name": e["name"], "value": _quote(e["value"])}
-        for e in (acc.get("env") or []) + (v.get("extraEnv") or [])
-    ]
+    env = [{"name": "AWS_DEFAULT_REGION", "value": _quote(v["aws"]["region"])}]
+    mount = v["params"]["mountPath"]
 
     def pod_common() -> dict[str, Any]:
         return {
@@ -250,7 +255,7 @@ def rayjob_manifest(
         if v["aws"].get("existingSecret"):
             c["envFrom"] = [{"secretRef": {"name": v["aws"]["existingSecret"]}}]
         c["volumeMounts"] = [
-            {"name": "params", "mountPath": PARAMS_MOUNT, "readOnly": True},
+            {"name": "params", "mountPath": mount, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ]
         return c
@@ -266,6 +271,8 @@ def rayjob_manifest(
     res: dict[str, Any] = {"cpu": _quote(v["worker"]["cpu"]), "memory": _quote(v["worker"]["memory"])}
     if acc.get("resourceName"):
         res[acc["resourceName"]] = acc["perWorker"]
+    if acc.get("efaPerWorker"):
+        res["vpc.amazonaws.com/efa"] = acc["efaPerWorker"]
     worker["resources"] = {"requests": dict(res), "limits": dict(res)}
     replicas = v["worker"]["replicas"]
     return {
@@ -277,7 +284,8 @@ def rayjob_manifest(
             "labels": {**labels, "troupe.ai/step": v["step"]},
         },
         "spec": {
-            "entrypoint": f"troupe train {v['step']} --params {PARAMS_MOUNT}/params.yaml",
+            "entrypoint": f"troupe train {v['step']} --params {mount}/params.yaml",
+            "runtimeEnvYAML": json.dumps(runtime_env(v, release), sort_keys=True, separators=(",", ":")),
             "shutdownAfterJobFinishes": v["job"]["shutdownAfterJobFinishes"],
             "ttlSecondsAfterFinished": v["job"]["ttlSecondsAfterFinished"],
             "activeDeadlineSeconds": v["job"]["activeDeadlineSeconds"],
@@ -321,6 +329,33 @@ def rayjob_manifest(
             },
         },
     }
+
+
+def run_id(values: dict[str, Any], release: str) -> str:
+    """The run's stable identity (``run.id``, default the release name): ``TROUPE_PIPELINE_RUN``."""
+    return str((values.get("run") or {}).get("id") or release)
+
+
+def runtime_env(values: dict[str, Any], release: str) -> dict[str, Any]:
+    """The RayJob's runtime env (``spec.runtimeEnvYAML``): env vars every process of the job sees.
+
+    ``TROUPE_PIPELINE_RUN`` (:func:`run_id`; names the Ray Train run, so a retry resumes),
+    ``TROUPE_ACCELERATOR``, ``MLFLOW_TRACKING_URI``, ``TROUPE_CHECKPOINT_URI``,
+    ``TROUPE_CHECKPOINT_EVERY``, then the accelerator profile's and ``extraEnv`` entries. KubeRay
+    submits it with the entrypoint through Ray's Job Submission API, so it reaches the driver and
+    every Ray Train worker on whichever node they run (pod env reaches only Ray's own processes).
+    """
+    acc = _accelerator(values)
+    env = {
+        "TROUPE_PIPELINE_RUN": run_id(values, release),
+        "TROUPE_ACCELERATOR": _quote(values["accelerator"]),
+        "MLFLOW_TRACKING_URI": _quote(values["mlflow"]["trackingUri"]),
+        "TROUPE_CHECKPOINT_URI": _quote(values["checkpoints"]["s3Uri"]),
+        "TROUPE_CHECKPOINT_EVERY": _quote((values.get("checkpoints") or {}).get("everySteps", 0)),
+    }
+    for e in (acc.get("env") or []) + (values.get("extraEnv") or []):
+        env[e["name"]] = _quote(e["value"])
+    return {"env_vars": env}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,6 +403,25 @@ def _status_text(status: dict[str, Any]) -> str:
     return ", ".join(parts) or "no status"
 
 
+class Terminated(BaseException):
+    """SIGTERM received (a KFP run was stopped, the pod is being deleted): clean up and exit."""
+
+
+def _raise_on_sigterm() -> Callable[[], None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread; returns a function that restores it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise Terminated(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
 def submit_rayjob(
     manifest: dict[str, Any],
     namespace: str,
@@ -383,6 +437,15 @@ def submit_rayjob(
     Progress (status changes) and new lines of the submitter pod's log (the driver output in
     K8sJobMode; pods labelled ``batch.kubernetes.io/job-name=<rayjob>``) go to ``log``.
 
+    KubeRay retries a failed job up to ``spec.backoffLimit`` times on a fresh RayCluster; meanwhile
+    the failed attempt's ``jobStatus: FAILED`` stays visible. This waits through those retries: a
+    FAILED attempt is terminal only when ``jobDeploymentStatus`` is ``Failed`` (KubeRay's verdict) or
+    ``status.failed`` exceeds ``backoffLimit``. Each retry resumes from the run's last checkpoint
+    (same ``TROUPE_PIPELINE_RUN``, see :func:`runtime_env`).
+
+    A RayJob of the same name that already exists (the KFP task itself was retried) is adopted and
+    followed instead of failing the creation.
+
     Args:
         manifest: RayJob dict (``rayjob_manifest`` output).
         namespace: target namespace.
@@ -395,9 +458,11 @@ def submit_rayjob(
         The final ``status`` dict (``jobStatus`` SUCCEEDED).
 
     Raises:
-        RayJobError: creation refused (e.g. already exists, invalid), ``jobStatus`` FAILED or STOPPED,
-            ``jobDeploymentStatus`` Failed or ValidationFailed, Complete without SUCCEEDED, or timeout.
-            Except for a refused creation, the RayJob is deleted before raising (also on Ctrl-C).
+        RayJobError: creation refused (e.g. invalid), retries spent (``jobDeploymentStatus`` Failed /
+            ValidationFailed, or more failures than ``backoffLimit``), Complete without SUCCEEDED, or
+            timeout. Except for a refused creation, the RayJob is deleted before raising.
+        Terminated: SIGTERM (KFP stopped the run): the RayJob is deleted first, so no training keeps
+            running for a pipeline nobody waits on. Ctrl-C likewise.
         ConfigError: no kubeconfig when ``api`` is None.
     """
     from kubernetes import client
@@ -407,16 +472,28 @@ def submit_rayjob(
         api = client.CustomObjectsApi(kube_api_client())
     core = client.CoreV1Api(api.api_client)
     name = manifest["metadata"]["name"]
+    backoff = int(manifest.get("spec", {}).get("backoffLimit") or 0)
+    restore = _raise_on_sigterm()
     try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
-    except ApiException as e:
-        raise RayJobError(
-            f"RayJob {namespace}/{name} was not created (HTTP {e.status} {e.reason}): {_api_message(e)}",
-            name=name,
-            state="create",
-            reason=str(e.reason or ""),
-        ) from e
-    log(f"rayjob {namespace}/{name}: created")
+        try:
+            api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+            log(f"rayjob {namespace}/{name}: created")
+        except ApiException as e:
+            if e.status != 409:
+                raise RayJobError(
+                    f"RayJob {namespace}/{name} was not created (HTTP {e.status} {e.reason}): {_api_message(e)}",
+                    name=name,
+                    state="create",
+                    reason=str(e.reason or ""),
+                ) from e
+            log(f"rayjob {namespace}/{name}: exists already (task retried?): following it")
+        return _follow(api, core, namespace, name, backoff, timeout_s, poll_s, log, follow_logs)
+    finally:
+        restore()
+
+
+def _follow(api, core, namespace, name, backoff, timeout_s, poll_s, log, follow_logs) -> dict[str, Any]:
+    from kubernetes.client.exceptions import ApiException
 
     def delete() -> None:
         try:
@@ -438,7 +515,7 @@ def submit_rayjob(
         )
 
     deadline = time.monotonic() + timeout_s
-    seen: tuple[str, str] | None = None
+    seen: tuple[str, str, int] | None = None
     log_offsets: dict[str, int] = {}
     status: dict[str, Any] = {}
     try:
@@ -455,19 +532,25 @@ def submit_rayjob(
                 raise
             status = obj.get("status") or {}
             dep, job = status.get("jobDeploymentStatus", ""), status.get("jobStatus", "")
-            if (dep, job) != seen:
-                seen = (dep, job)
-                log(f"rayjob {namespace}/{name}: {_status_text(status)}")
+            failed = int(status.get("failed") or 0)
+            if (dep, job, failed) != seen:
+                seen = (dep, job, failed)
+                note = ""
+                if job in FAILED_JOB and dep not in FAILED_DEPLOYMENT and failed <= backoff:
+                    note = f" (attempt {failed} of {backoff + 1} failed; KubeRay retries from the last checkpoint)"
+                log(f"rayjob {namespace}/{name}: {_status_text(status)}{note}")
             if follow_logs:
                 _print_new_logs(core, namespace, name, log_offsets, log)
             if dep in FAILED_DEPLOYMENT:
                 raise fail(dep, status, f"deployment {dep}")
-            if job in FAILED_JOB:
-                raise fail(job, status, f"job {job}")
+            if job in FAILED_JOB and failed > backoff:
+                raise fail(job, status, f"job {job} after {failed} attempts (backoffLimit {backoff})")
             if job == "SUCCEEDED":
                 log(f"rayjob {namespace}/{name}: succeeded")
                 return status
-            if dep == "Complete":
+            if dep == "Complete":  # KubeRay's last word on the job: no retry follows
+                if job in FAILED_JOB:
+                    raise fail(job, status, f"job {job}")
                 raise fail("Complete", status, "completed without SUCCEEDED")
             if time.monotonic() >= deadline:
                 raise fail("timeout", status, f"timed out after {timeout_s:g}s")

@@ -96,6 +96,12 @@ def deepspeed_config(train: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def checkpoint_every(train: dict[str, Any]) -> int:
+    """Optimizer steps between checkpoints: ``train.checkpoint_every``, else ``$TROUPE_CHECKPOINT_EVERY``
+    (the training chart's ``checkpoints.everySteps``, so cluster runs checkpoint by default), else 0 (off)."""
+    return int(train.get("checkpoint_every") or 0) or int(os.environ.get("TROUPE_CHECKPOINT_EVERY") or 0)
+
+
 def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig for the configured accelerator."""
     backend, _, _ = accelerator_spec(train.get("accelerator", "cpu"))
@@ -105,8 +111,8 @@ def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
         ddp_backend=backend,
         bf16=not cpu,
         logging_steps=1,
-        save_strategy="steps" if int(train.get("checkpoint_every", 0)) > 0 else "no",
-        save_steps=max(int(train.get("checkpoint_every", 0)), 1),
+        save_strategy="steps" if checkpoint_every(train) > 0 else "no",
+        save_steps=max(checkpoint_every(train), 1),
         save_total_limit=1,  # local copies; storage keeps train.checkpoint_num_to_keep (Ray Train)
         report_to=[],
         disable_tqdm=True,
@@ -378,7 +384,7 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
         ],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints one line per step instead
-    if int(cfg["train"].get("checkpoint_every", 0)) > 0:
+    if checkpoint_every(cfg["train"]) > 0:
         trainer.add_callback(_report_checkpoint_callback())  # each HF checkpoint -> Ray storage (local or S3)
     if int(cfg["train"].get("fault_injection_step", 0)) > 0:
         trainer.add_callback(_fault_injection_callback(cfg))

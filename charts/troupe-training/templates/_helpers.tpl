@@ -32,21 +32,21 @@ app.kubernetes.io/part-of: troupe
 {{- .Values.params.existingConfigMap | default (printf "%s-params" .Release.Name) -}}
 {{- end }}
 
-{{/* Container env shared by head and workers. */}}
+{{/* Container env shared by head and workers (pod-level: what Ray's own processes need). */}}
 {{- define "troupe-training.env" -}}
-{{- $acc := include "troupe-training.accelerator" . | fromYaml -}}
-- name: TROUPE_ACCELERATOR
-  value: {{ .Values.accelerator | quote }}
-- name: MLFLOW_TRACKING_URI
-  value: {{ .Values.mlflow.trackingUri | quote }}
-- name: TROUPE_CHECKPOINT_URI
-  value: {{ .Values.checkpoints.s3Uri | quote }}
 - name: AWS_DEFAULT_REGION
   value: {{ .Values.aws.region | quote }}
-{{- range (concat $acc.env .Values.extraEnv) }}
-- name: {{ .name }}
-  value: {{ .value | quote }}
 {{- end }}
+
+{{/* The job's runtime env (RayJob runtimeEnvYAML): what the driver and every Ray Train worker of
+the job see, on whichever node they run; KubeRay submits it with the entrypoint through Ray's Job API. */}}
+{{- define "troupe-training.runtimeEnv" -}}
+{{- $acc := include "troupe-training.accelerator" . | fromYaml -}}
+{{- $env := dict "TROUPE_PIPELINE_RUN" (.Values.run.id | default .Release.Name) "TROUPE_ACCELERATOR" .Values.accelerator "MLFLOW_TRACKING_URI" .Values.mlflow.trackingUri "TROUPE_CHECKPOINT_URI" .Values.checkpoints.s3Uri "TROUPE_CHECKPOINT_EVERY" (toString .Values.checkpoints.everySteps) -}}
+{{- range (concat $acc.env .Values.extraEnv) }}
+{{- $_ := set $env .name (toString .value) }}
+{{- end }}
+{{- toYaml (dict "env_vars" $env) }}
 {{- end }}
 
 {{/* Pod-level fields shared by head and workers. */}}
@@ -78,6 +78,6 @@ envFrom:
       name: {{ . }}
 {{- end }}
 volumeMounts:
-  - {name: params, mountPath: /etc/troupe, readOnly: true}
+  - {name: params, mountPath: {{ .Values.params.mountPath }}, readOnly: true}
   - {name: dshm, mountPath: /dev/shm}
 {{- end }}

@@ -12,13 +12,13 @@ from typing import Any
 
 import yaml
 
-#: File written into a (small) artifact directory when the real data lives on shared storage (PVC or
-#: S3, reachable by RayJob pods): it holds that location. Downstream components follow it.
+#: File written into a (small) artifact directory when the real data lives on shared storage (an S3
+#: URI every pod can reach): it holds that location. Downstream components follow it.
 POINTER = "TROUPE_LOCATION"
 
 
 def resolve(artifact_path: str) -> str:
-    """The directory a step should read for an input artifact: the pointer target or the path itself."""
+    """The location a step should read for an input artifact: the pointer target (a URI) or the path itself."""
     p = Path(artifact_path) / POINTER
     return p.read_text(encoding="utf-8").strip() if p.is_file() else artifact_path
 
@@ -46,9 +46,12 @@ def run_step(argv: list[str], params_yaml: str, paths: dict[str, str] | None = N
 def merge_overrides(params_yaml: str, overrides: dict[str, Any]) -> str:
     """Apply dotted-key overrides whose value is not "unset" (None, "" or a negative number).
 
-    Returns the new params YAML text. Used by the pipeline's first task so every later task reads one
-    resolved params document (shown in the run's inputs/outputs).
+    Returns the new params YAML text, validated by the params model (:func:`troupe.params.resolve`,
+    defaults filled in): a bad pipeline argument fails the first task, naming the key. Used by the
+    pipeline's first task so every later task reads one resolved params document.
     """
+    from troupe.params import resolve as resolve_params
+
     params = yaml.safe_load(params_yaml) or {}
     if not isinstance(params, dict):
         raise ValueError("params_yaml: top level must be a mapping")
@@ -64,6 +67,7 @@ def merge_overrides(params_yaml: str, overrides: dict[str, Any]) -> str:
         for k in parents:
             node = node.setdefault(k, {})
         node[last] = yaml.safe_load(value) if isinstance(value, str) else value
+    params = resolve_params(params, source="params_yaml (pipeline arguments)")
     return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
 
 
@@ -92,10 +96,29 @@ def fetch_data(params_yaml: str, repo: str, rev: str, remote: str, dest: str) ->
     return yaml.safe_dump(params, sort_keys=False, allow_unicode=True)
 
 
-def on_cluster_accelerator(params_yaml: str, kubernetes: bool) -> bool:
-    """True when a train step should go to a KubeRay RayJob (on Kubernetes and accelerator != cpu)."""
-    params = yaml.safe_load(params_yaml) or {}
-    return bool(kubernetes) and str(params.get("train", {}).get("accelerator", "cpu")) != "cpu"
+def rayjob_release(run_id: str) -> str:
+    """Helm-style release name of a pipeline run's training RayJobs (``<release>-sft``, ``-dpo``).
+
+    One name per run, the same on every retry of the task: a retried task adopts its RayJob and a
+    resubmitted RayJob resumes from the run's checkpoints. DNS-1123, at most 50 characters.
+    """
+    import re
+
+    slug = re.sub(r"[^a-z0-9-]+", "-", str(run_id).lower()).strip("-") or "run"
+    return f"troupe-{slug}"[:50].rstrip("-")
+
+
+def publish_inputs(paths: dict[str, str], root: str) -> dict[str, str]:
+    """Inputs every Ray pod can read: local artifact dirs uploaded under ``root`` (a URI); URIs kept.
+
+    A KFP artifact path (``/minio/...``, ``/gcs/...``) exists only in the task's pod; the RayJob's
+    driver and workers run in other pods, so each local input is copied to ``<root>/<key>`` first.
+    """
+    from troupe import storage
+
+    return {
+        k: v if storage.is_remote(v) else storage.upload(v, storage.join(root, k)) for k, v in paths.items()
+    }
 
 
 def train_step(
@@ -105,28 +128,41 @@ def train_step(
     out_key: str,
     out_path: str,
     kubernetes: bool,
-    shared_root: str,
+    storage_root: str,
+    run_id: str,
     namespace: str = "default",
+    chart_env: str = "prod",
+    chart_sets: list[str] | None = None,
 ) -> str:
-    """Run ``troupe train <step>`` in-process, or ``troupe rayjob submit --step <step>`` on a cluster.
+    """Run ``troupe train <step>`` in-process, or on Kubernetes as a KubeRay RayJob through ``troupe rayjob submit``.
 
-    ``step`` is sft or dpo (what ``troupe rayjob submit --step`` accepts). On the RayJob path (created
-    in ``namespace``) the output goes to a fresh directory under ``shared_root`` (shared storage that
-    the Ray workers mount at the same path) and the KFP artifact gets only a :data:`POINTER` file.
+    On the RayJob path (created in ``namespace``, chart values ``values-<chart_env>.yaml`` plus
+    ``chart_sets``) every location the job touches is a URI under ``<storage_root>/<run_id>``: the
+    inputs (uploaded by :func:`publish_inputs`), the output model and the checkpoints; the KFP
+    artifact gets only a :data:`POINTER` file holding the output URI. ``run_id`` (the KFP run id) is
+    the run's identity (``TROUPE_PIPELINE_RUN``, ``run.id``): a retried task or RayJob resumes.
 
     Returns:
-        the directory that holds the step's output.
+        the location (path or URI) that holds the step's output.
     """
-    if not on_cluster_accelerator(params_yaml, kubernetes):
+    if not kubernetes:
         run_step(["train", step], params_yaml, {**paths, out_key: out_path})
         return out_path
-    Path(shared_root).mkdir(parents=True, exist_ok=True)
-    target = tempfile.mkdtemp(prefix=f"{step}-", dir=shared_root)
-    run_step(
-        ["rayjob", "submit", "--step", step, "--namespace", namespace],
-        params_yaml,
-        {**paths, out_key: target},
-    )
+    import os
+
+    from troupe import storage
+
+    if not storage.is_remote(storage_root):
+        raise ValueError(
+            f"storage_root={storage_root!r}: RayJob pods need a URI every pod can reach (s3://...)"
+        )
+    os.environ["TROUPE_PIPELINE_RUN"] = run_id
+    root = storage.join(storage_root, rayjob_release(run_id))
+    target = storage.join(root, out_key)
+    sets = [f"checkpoints.s3Uri={storage.join(root, 'checkpoints')}", f"run.id={run_id}", *(chart_sets or [])]
+    argv = ["rayjob", "submit", "--step", step, "--namespace", namespace, "--release", rayjob_release(run_id)]
+    argv += ["--env", chart_env] + [x for s in sets for x in ("--chart-set", s)]
+    run_step(argv, params_yaml, {**publish_inputs(paths, storage.join(root, "inputs")), out_key: target})
     Path(out_path).mkdir(parents=True, exist_ok=True)
     (Path(out_path) / POINTER).write_text(target, encoding="utf-8")
     return target
@@ -138,8 +174,11 @@ def train_step_artifacts(
     inputs: dict[str, Any],
     model: Any,
     kubernetes: bool,
-    shared_root: str,
+    storage_root: str,
+    run_id: str,
     namespace: str = "default",
+    chart_env: str = "prod",
+    chart_sets: list[str] | None = None,
 ) -> str:
     """:func:`train_step` for a train component: input artifacts in, ``<step>_model`` artifact out.
 
@@ -147,12 +186,13 @@ def train_step_artifacts(
     (a KFP ``Output[Model]``) and records where it went in ``model.metadata["location"]``.
 
     Returns:
-        the directory that holds the step's output.
+        the location that holds the step's output.
     """
     paths = {k: resolve(a.path) for k, a in inputs.items()}
     where = train_step(
-        step, params_yaml, paths, f"{step}_model", model.path, kubernetes, shared_root, namespace
-    )
+        step, params_yaml, paths, f"{step}_model", model.path, kubernetes, storage_root, run_id,
+        namespace, chart_env, chart_sets,
+    )  # fmt: skip
     model.metadata["location"] = where
     return where
 

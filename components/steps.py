@@ -128,14 +128,18 @@ def train_sft(
     base_model: Input[Model],
     sft_model: Output[Model],
     kubernetes: bool = False,
-    shared_root: str = "/mnt/troupe/runs",
+    storage_root: str = "",
+    run_id: str = "",
     rayjob_namespace: str = "default",
+    rayjob_env: str = "prod",
+    rayjob_values: list = [],  # noqa: B006 - KFP parameter default
 ):
-    """``troupe train sft`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
+    """``troupe train sft`` in-process, or on Kubernetes as a KubeRay RayJob (inputs/outputs under ``storage_root``)."""
     from components.runtime import train_step_artifacts
 
     inputs = {"splits": splits, "base_model": base_model}
-    train_step_artifacts("sft", params_yaml, inputs, sft_model, kubernetes, shared_root, rayjob_namespace)
+    train_step_artifacts("sft", params_yaml, inputs, sft_model, kubernetes, storage_root, run_id,
+                         rayjob_namespace, rayjob_env, rayjob_values)  # fmt: skip
 
 
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
@@ -165,14 +169,18 @@ def train_dpo(
     sft_model: Input[Model],
     dpo_model: Output[Model],
     kubernetes: bool = False,
-    shared_root: str = "/mnt/troupe/runs",
+    storage_root: str = "",
+    run_id: str = "",
     rayjob_namespace: str = "default",
+    rayjob_env: str = "prod",
+    rayjob_values: list = [],  # noqa: B006 - KFP parameter default
 ):
-    """``troupe train dpo`` in-process, or as a KubeRay RayJob on a cluster with GPUs/NPUs."""
+    """``troupe train dpo`` in-process, or on Kubernetes as a KubeRay RayJob (inputs/outputs under ``storage_root``)."""
     from components.runtime import train_step_artifacts
 
     inputs = {"pairs": pairs, "sft_model": sft_model}
-    train_step_artifacts("dpo", params_yaml, inputs, dpo_model, kubernetes, shared_root, rayjob_namespace)
+    train_step_artifacts("dpo", params_yaml, inputs, dpo_model, kubernetes, storage_root, run_id,
+                         rayjob_namespace, rayjob_env, rayjob_values)  # fmt: skip
 
 
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
@@ -252,12 +260,25 @@ def deploy(
     dpo_model: Input[Model],
     deployment: Output[Artifact],
     env: str = "test",
+    kubernetes: bool = False,
+    rayservice: str = "troupe-serving",
+    rayservice_namespace: str = "",
 ):
-    """``troupe deploy --env <env>``: serve the registered model and record the smoke request/response."""
+    """``troupe deploy --env <env>``: serve the registered version and record the smoke request/response.
+
+    With ``kubernetes`` the step patches RayService ``rayservice`` (the serving chart's release, in
+    ``rayservice_namespace``, default this pod's namespace) to serve the version pinned by number;
+    KubeRay applies it. Without it the app runs on a local Ray cluster (``dvc repro`` behaviour).
+    """
     from components.runtime import resolve, run_step
 
+    args = ["deploy", "--env", env]
+    if kubernetes:
+        args += ["--rayservice", rayservice]
+        if rayservice_namespace:
+            args += ["--namespace", rayservice_namespace]
     run_step(
-        ["deploy", "--env", env],
+        args,
         params_yaml,
         {"registry": resolve(registry.path), "dpo_model": resolve(dpo_model.path), "deploy": deployment.path},
     )

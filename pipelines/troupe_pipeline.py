@@ -6,7 +6,7 @@
                                                                                    -> [gate passed] deploy
 
 :func:`build_pipeline` returns the pipeline function; with ``kube`` set it attaches the Kubernetes
-platform config (kfp-kubernetes: secrets as env, PVC, node selectors and tolerations for the heavy
+platform config (kfp-kubernetes: secrets as env, node selectors and tolerations for the heavy
 steps). Without it the same pipeline runs under ``kfp.local`` (no cluster).
 """
 
@@ -32,13 +32,18 @@ class KubeSettings:
         s3_secret_env: Secret key -> environment variable.
         mlflow_secret: Secret with the MLflow tracking URI (and credentials).
         mlflow_secret_env: Secret key -> environment variable.
-        pvc: PersistentVolumeClaim shared with RayJob pods (checkpoints, models); empty = none.
-        pvc_mount: where the PVC is mounted in task pods; RayJob outputs go under ``<pvc_mount>/runs``.
+        storage_root: URI every pod can reach (IRSA) under which a run's RayJob inputs, outputs and
+            checkpoints live: ``<storage_root>/troupe-<KFP run id>/...`` (terraform output
+            ``artifacts_bucket``). No volume is shared between task pods and Ray pods.
         node_selector: label -> value for the steps that need accelerator nodes (in-process fallback).
         tolerations: taints tolerated by those steps, e.g. ``nvidia.com/gpu`` / ``huawei.com/Ascend910``.
         cpu_node_selector: label -> value for the light steps (data, registry, deploy).
         rayjob_namespace: namespace of the training RayJobs (``troupe rayjob submit --namespace``);
-            the task pods' service account needs RBAC to create RayJobs and ConfigMaps there.
+            the training chart's ``pipelineRunner`` RBAC lets the pipeline's ServiceAccount create,
+            follow and delete RayJobs and ConfigMaps there.
+        rayjob_env: training chart values file ``values-<rayjob_env>.yaml`` the RayJobs use.
+        rayjob_values: more chart values as ``key=value`` (``--chart-set``), e.g.
+            ``aws.roleArn=arn:aws:iam::<account>:role/troupe-prod-training``.
     """
 
     s3_secret: str = "troupe-s3"
@@ -55,24 +60,23 @@ class KubeSettings:
             "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
         }
     )
-    pvc: str = "troupe-shared"
-    pvc_mount: str = "/mnt/troupe"
+    storage_root: str = "s3://troupe-prod-artifacts/runs"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
     cpu_node_selector: dict[str, str] = field(default_factory=dict)
     rayjob_namespace: str = "default"
+    rayjob_env: str = "prod"
+    rayjob_values: list[str] = field(default_factory=list)
 
 
 def _place(task: dsl.PipelineTask, kube: KubeSettings, heavy: bool) -> dsl.PipelineTask:
-    """Attach secrets, PVC, node selector and tolerations to ``task``."""
+    """Attach secrets, node selector and tolerations to ``task``."""
     from kfp import kubernetes
 
     if kube.s3_secret:
         kubernetes.use_secret_as_env(task, kube.s3_secret, kube.s3_secret_env, optional=True)
     if kube.mlflow_secret:
         kubernetes.use_secret_as_env(task, kube.mlflow_secret, kube.mlflow_secret_env, optional=True)
-    if kube.pvc:
-        kubernetes.mount_pvc(task, kube.pvc, kube.pvc_mount)
     for k, v in (kube.node_selector if heavy else kube.cpu_node_selector).items():
         kubernetes.add_node_selector(task, k, v)
     if heavy:
@@ -97,7 +101,6 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
         yaml.safe_load(Path(params_path).read_text(encoding="utf-8")), ensure_ascii=False
     )
     on_k8s = kube is not None
-    shared_root = f"{kube.pvc_mount}/runs" if kube else "/tmp/troupe-runs"
     rayjob_ns = kube.rayjob_namespace if kube else "default"
 
     def place(task: dsl.PipelineTask, heavy: bool = False) -> dsl.PipelineTask:
@@ -158,8 +161,11 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
                 component,
                 name,
                 kubernetes=on_k8s,
-                shared_root=shared_root,
+                storage_root=kube.storage_root if kube else "",
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 rayjob_namespace=rayjob_ns,
+                rayjob_env=kube.rayjob_env if kube else "prod",
+                rayjob_values=list(kube.rayjob_values) if kube else [],
                 **inputs,
             )
 

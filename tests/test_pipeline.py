@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from kfp import dsl, local
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from components.runtime import POINTER, gate_passed, merge_overrides, numeric_items, resolve
+from components.runtime import POINTER, gate_passed, merge_overrides, numeric_items, rayjob_release, resolve
 from troupe.pipeline import compile_pipeline, pipeline_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_ir_loads_back_with_kfp_sdk(ir: dict) -> None:
 def test_kubernetes_platform_config_only_when_asked(ir: dict, tmp_path: Path) -> None:
     k8s = ir["docs"][1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     sft = k8s["exec-train-sft"]
-    assert sft["pvcMount"][0]["mountPath"] == "/mnt/troupe"
+    assert "pvcMount" not in sft  # no volume shared with Ray pods: inputs/outputs are URIs
     assert {s["secretName"] for s in sft["secretAsEnv"]} == {"troupe-s3", "troupe-mlflow"}
     plain = compile_pipeline(tmp_path / "p.yaml", kubernetes=False)
     assert len(list(yaml.safe_load_all(plain.read_text()))) == 1
@@ -117,12 +117,16 @@ def test_runtime_helpers(tmp_path: Path) -> None:
         )
     )
     assert p["model"]["base"] == "Qwen/Qwen2.5-32B-Instruct"
-    assert p["sft"] == {"learning_rate": 1e-5, "max_steps": 6}
-    assert p["train"] == {"offload": False, "nodes": 2}
+    assert p["sft"]["learning_rate"] == 1e-5 and p["sft"]["max_steps"] == 6
+    assert p["train"]["offload"] is False and p["train"]["nodes"] == 2
+    assert p["train"]["num_workers"] == 2  # validated: defaults filled in
+    with pytest.raises(Exception, match=r"sft\.max_step.*did you mean sft\.max_steps"):
+        merge_overrides("sft: {max_steps: 6}\n", {"sft.max_step": 3})
     assert gate_passed({"passed": True}) and gate_passed({"decision": "promote"}) and not gate_passed({})
     assert numeric_items({"a": {"b": 1, "c": "x", "d": True}, "e": 2.5}) == {"a.b": 1.0, "e": 2.5}
-    (tmp_path / POINTER).write_text("/mnt/troupe/runs/sft-1\n")
-    assert resolve(str(tmp_path)) == "/mnt/troupe/runs/sft-1"
+    (tmp_path / POINTER).write_text("s3://troupe-prod-artifacts/runs/troupe-1/sft_model\n")
+    assert resolve(str(tmp_path)) == "s3://troupe-prod-artifacts/runs/troupe-1/sft_model"
+    assert rayjob_release("8F2A_c1d0-UUID") == "troupe-8f2a-c1d0-uuid"
 
 
 # --- local runner mechanics with trivial components (no troupe steps needed) -------------------------

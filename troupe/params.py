@@ -154,8 +154,9 @@ class Train(_Section):
     offload: Literal[False, True, "optimizer", "all"] = Field(
         False, description="ZeRO offload to CPU: false | optimizer (true) | all (optimizer + params, stage 3)"
     )
-    gradient_checkpointing: bool = Field(
-        False, description="recompute activations in backward to save memory"
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        False,
+        description="recompute activations in backward to save memory; auto = when the memory plan (troupe plan) needs it",
     )
     attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = Field(
         "auto", description="attention kernel; auto = varlen SDPA for packed SFT"
@@ -164,7 +165,8 @@ class Train(_Section):
         0, ge=0, description="optimizer steps between checkpoints (0 = off); needed for resume"
     )
     checkpoint_uri: str = Field(
-        "", description="Ray Train storage, e.g. s3://bucket/checkpoints (empty: .checkpoints beside the output)"
+        "",
+        description="Ray Train storage, e.g. s3://bucket/checkpoints (empty: .checkpoints beside the output)",
     )
     checkpoint_num_to_keep: int = Field(
         2, ge=1, description="newest checkpoints kept in storage (older ones are pruned by Ray Train)"

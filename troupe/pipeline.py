@@ -52,7 +52,7 @@ def compile_pipeline(
 
     Args:
         output: IR YAML path (parent directories created).
-        kubernetes: attach the kfp-kubernetes platform config (secrets, PVC, node placement).
+        kubernetes: attach the kfp-kubernetes platform config (secrets, node placement).
         kube_file: YAML of :class:`pipelines.troupe_pipeline.KubeSettings` fields.
         params: params.yaml for the ``params_yaml`` default (None = the repository's).
     """
@@ -178,7 +178,10 @@ def pipeline_cli() -> None:
     "--kubernetes/--no-kubernetes", default=True, show_default=True, help="attach kfp-kubernetes config"
 )
 @click.option(
-    "--kube-config", "kube_file", default=None, help="YAML with KubeSettings fields (secrets, PVC, nodes)"
+    "--kube-config",
+    "kube_file",
+    default=None,
+    help="YAML with KubeSettings fields (secrets, storage root, nodes)",
 )
 @click.option("--params", default=None, help="params.yaml used as the params_yaml default")
 def compile_cmd(output: str, kubernetes: bool, kube_file: str | None, params: str | None) -> None:

@@ -38,6 +38,7 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -247,6 +248,45 @@ class Plan:
             "tokens_per_second": round(self.tokens_per_second, 1),
             "notes": self.notes,
         }
+
+
+def arch_from_config(config: dict[str, Any]) -> Arch:
+    """An :class:`Arch` from a Hugging Face ``config.json`` dict (Llama/Qwen2/Mistral-style names).
+
+    Raises:
+        KeyError: a shape field is missing.
+    """
+    heads = int(config["num_attention_heads"])
+    return Arch(
+        layers=int(config["num_hidden_layers"]),
+        hidden=int(config["hidden_size"]),
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        intermediate=int(config["intermediate_size"]),
+        vocab=int(config["vocab_size"]),
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+    )
+
+
+def plan_deepspeed_config(inp: PlanInput) -> dict[str, Any]:
+    """The DeepSpeed config a run with the plan's settings uses: the one generator,
+    :func:`troupe.train.distributed.deepspeed_config`, fed from the plan's inputs."""
+    from troupe.train.distributed import deepspeed_config
+
+    offload = {"none": False, "optimizer": "optimizer", "param+optimizer": "all"}[inp.offload]
+    return deepspeed_config(
+        {"zero_stage": inp.zero_stage, "offload": offload, "accelerator": inp.accelerator}
+    )
+
+
+def needs_checkpointing(inp: PlanInput) -> bool:
+    """True when the plan does not fit without activation checkpointing but fits (or fits better) with it.
+
+    What ``train.gradient_checkpointing: auto`` asks: off when activations fit as they are (recompute
+    costs ~1/3 more compute), on otherwise.
+    """
+    return not make_plan(dataclasses.replace(inp, checkpointing=False)).fits
 
 
 def activation_bytes(
@@ -508,6 +548,13 @@ class DoesNotFit(click.ClickException):
     help="count DeepSpeed's fp32 gradient partition (off = ZeRO paper's 2+2+12)",
 )
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of the table")
+@click.option(
+    "--deepspeed-config",
+    "ds_out",
+    default=None,
+    metavar="FILE",
+    help="also write the DeepSpeed config a run with these settings uses (troupe.train.distributed.deepspeed_config; - = stdout)",
+)
 def plan_cmd(
     model: str | None,
     params_billion: float | None,
@@ -518,6 +565,7 @@ def plan_cmd(
     intermediate: int | None,
     vocab: int | None,
     as_json: bool,
+    ds_out: str | None,
     **kw: Any,
 ) -> None:
     """Per-device memory (params, grads, optimizer, activations) and step time of a training run.
@@ -546,6 +594,12 @@ def plan_cmd(
         click.echo(json.dumps(plan.to_dict(), indent=2))
     else:
         render(plan)
+    if ds_out:
+        text = json.dumps(plan_deepspeed_config(inp), indent=2)
+        if ds_out == "-":
+            click.echo(text)
+        else:
+            Path(ds_out).write_text(text + "\n", encoding="utf-8")
     if not plan.fits:
         fixes = suggestions(inp)
         over = (plan.total_bytes - plan.usable_bytes) / GIB

@@ -219,6 +219,12 @@ def local_copy(location: str | Path, *, what: str = "input") -> Path:
     return dest
 
 
+def clear_downloads() -> None:
+    """Remove this node's cached input downloads (:func:`local_copy`), e.g. before handing work to
+    other processes that must fetch their inputs themselves."""
+    shutil.rmtree(scratch_root() / "inputs", ignore_errors=True)
+
+
 def _mkdir(p: Path) -> Path:
     p.mkdir(parents=True, exist_ok=True)
     return p

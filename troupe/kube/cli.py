@@ -17,6 +17,7 @@ from troupe.cli import step_options
 from troupe.config import ConfigError, apply_overrides
 from troupe.kube.rayjob import (
     RayJobError,
+    Terminated,
     params_configmap,
     rayjob_manifest,
     training_values,
@@ -135,13 +136,18 @@ def submit_cmd(
     timeout_s: float,
     poll_s: float,
 ) -> None:
-    """Apply the params ConfigMap, create the RayJob and wait; exit 1 with KubeRay's reason on failure."""
+    """Check inputs are reachable from every pod, apply the params ConfigMap, create the RayJob and wait.
+
+    Exits 1 with KubeRay's reason on failure (or naming the unreachable ``paths.*`` before anything
+    is created); SIGTERM deletes the RayJob before exiting.
+    """
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    from troupe.kube.rayjob import kube_api_client, submit_rayjob
+    from troupe.kube.rayjob import check_cluster_locations, kube_api_client, submit_rayjob
 
     release = release or time.strftime("troupe-%Y%m%d-%H%M%S", time.gmtime())
+    check_cluster_locations(params, step)
     cm, job = _build(params, step, env, value_files, chart_sets, release, namespace)
     api_client = kube_api_client()
     core = client.CoreV1Api(api_client)
@@ -157,6 +163,8 @@ def submit_cmd(
         )
     except RayJobError as e:
         raise click.ClickException(str(e)) from e
+    except Terminated as e:
+        raise SystemExit(143) from e
 
 
 __all__ = ["rayjob_cli", "ConfigError"]

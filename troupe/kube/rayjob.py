@@ -331,6 +331,40 @@ def rayjob_manifest(
     }
 
 
+#: ``paths.*`` keys a training step reads, and the one it writes (``troupe train <step>``).
+STEP_IO: dict[str, tuple[tuple[str, ...], str]] = {
+    "sft": (("splits", "base_model"), "sft_model"),
+    "dpo": (("splits", "pairs", "sft_model"), "dpo_model"),
+}
+
+
+def check_cluster_locations(params: dict[str, Any], step: str) -> None:
+    """Fail at submission, not after an hour, when a RayJob could not reach its inputs or output.
+
+    Every input ``paths.*`` of ``step`` (:data:`STEP_IO`) must be a URI every pod can read (a local
+    path exists only on the pod or machine that wrote it) and readable now (credentials, endpoint,
+    object present); the output must be a URI too.
+
+    Raises:
+        troupe.storage.StorageError: naming ``paths.<key>``, the location and why.
+    """
+    from troupe import storage
+
+    inputs, output = STEP_IO[step]
+    paths = params.get("paths") or {}
+    for key in (*inputs, output):
+        loc = str(paths.get(key, ""))
+        if not storage.is_remote(loc):
+            raise storage.StorageError(
+                f"paths.{key}={loc!r}: a local path; the RayJob's pods cannot read it. Give a URI every pod "
+                "can reach (s3://<bucket>/<run>/...): the KFP step uploads its inputs under its storage_root",
+                uri=loc,
+                reason="local",
+            )
+    for key in inputs:
+        storage.check_readable(str(paths[key]), f"paths.{key}")
+
+
 def run_id(values: dict[str, Any], release: str) -> str:
     """The run's stable identity (``run.id``, default the release name): ``TROUPE_PIPELINE_RUN``."""
     return str((values.get("run") or {}).get("id") or release)

@@ -118,11 +118,47 @@ def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
+        gradient_checkpointing=train.get("gradient_checkpointing") is True,
     )
     if int(train.get("zero_stage", 3)) > 0 and int(train.get("num_workers", 1)) >= 1:
         kw["deepspeed"] = deepspeed_config(train)
     return kw
+
+
+def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
+    """Whether to recompute activations: ``train.gradient_checkpointing`` true/false as given; ``auto``
+    asks the memory plan (:func:`troupe.plan.needs_checkpointing`) for this model (its ``config.json``),
+    sequence length, micro-batch, world size, ZeRO stage and offload on the run's accelerator.
+    ``auto`` on CPU is off (no device memory to plan)."""
+    train = cfg["train"]
+    setting = train.get("gradient_checkpointing", False)
+    if setting != "auto":
+        return bool(setting)
+    if train.get("accelerator", "cpu") == "cpu":
+        return False
+    from troupe.plan import PlanInput, arch_from_config, needs_checkpointing
+
+    conf = json.loads(Path(cfg["base_model_dir"], "config.json").read_text())
+    offload = {
+        False: "none",
+        None: "none",
+        True: "optimizer",
+        "optimizer": "optimizer",
+        "all": "param+optimizer",
+    }
+    inp = PlanInput(
+        arch=arch_from_config(conf),
+        seq_len=int(cfg["cutoff_len"]),
+        micro_batch=int(cfg["hp"]["per_device_batch_size"]),
+        nodes=1,
+        devices_per_node=int(train.get("num_workers", 1)),
+        zero_stage=int(train.get("zero_stage", 3)),
+        offload=offload[train.get("offload", False)],
+        accelerator=str(train["accelerator"]),
+        method=cfg["method"],
+        checkpointing=False,
+    )
+    return needs_checkpointing(inp)
 
 
 def join_deepspeed(train: dict[str, Any]) -> None:
@@ -532,7 +568,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     cfg["base_model_dir"] = str(storage.local_copy(cfg["base_model"], what=cfg["base_model_setting"]))
     cfg["scratch"] = str(node_scratch(cfg) / f"rank{rank}")
     join_deepspeed(cfg["train"])
-    trainer = build_trainer(cfg, training_args_common(cfg["train"]))
+    common = training_args_common(cfg["train"])
+    common["gradient_checkpointing"] = gradient_checkpointing(cfg)
+    trainer = build_trainer(cfg, common)
     resume, resumed_step = _resume_dir(cfg, rank)
     if resume:
         print(f"[{cfg['method']}] rank {rank} resuming from checkpoint at step {resumed_step}", flush=True)
@@ -626,6 +664,9 @@ def run_training_step(
             mlflow_run_id=run.info.run_id,
             tracking_uri=tracking_uri(),
         )
+        # what the driver downloaded (splits, tokenizer) is its own: workers fetch their inputs on
+        # their own node, so they must not find the driver's copies even when they share its node
+        storage.clear_downloads()
         t0 = time.time()
         run_on_ray(train_loop, cfg, train, name=name, storage_uri=ckpt_root)
         mlflow.log_metric("wall_s", time.time() - t0)
@@ -645,5 +686,5 @@ def run_training_step(
         fs.delete_dir(path)
     except (FileNotFoundError, OSError):
         pass
-    shutil.rmtree(storage.scratch_root() / "runs" / name, ignore_errors=True)
+    shutil.rmtree(local, ignore_errors=True)
     return out

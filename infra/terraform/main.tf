@@ -1,5 +1,7 @@
 # Troupe platform root, one per environment by var file + backend config:
-# VPC -> EKS (+ GPU node groups) -> S3 -> RDS -> IRSA roles (-> Ascend).
+# VPC -> EKS (+ GPU node groups, EKS add-ons) -> cluster add-ons (Helm) -> S3 -> RDS -> IRSA roles
+# (-> Ascend EKS Hybrid Nodes). AWS only: the Huawei Cloud CCE path is its own root, ./ascend-cce,
+# so an AWS-only init downloads no huaweicloud provider and needs no Huawei credentials.
 #   env=test   # or prod
 #   export TF_DATA_DIR=.terraform-$env          # one working dir per environment's state
 #   terraform -chdir=infra/terraform init -backend-config=envs/$env.backend.hcl \
@@ -18,9 +20,9 @@ terraform {
       source  = "hashicorp/tls"
       version = ">= 4.0"
     }
-    huaweicloud = {
-      source  = "huaweicloud/huaweicloud"
-      version = ">= 1.70"
+    helm = {
+      source  = "hashicorp/helm"
+      version = ">= 2.12, < 3.0" # 3.x changed the kubernetes block to an attribute
     }
   }
   backend "s3" {
@@ -33,6 +35,21 @@ provider "aws" {
   region = var.region
   default_tags {
     tags = local.tags
+  }
+}
+
+# In-cluster add-ons (modules/addons). No static credentials: a token from `aws eks get-token` with the
+# same AWS identity as the aws provider (modules/eks grants it cluster admin). The endpoint is private,
+# so an apply that installs them runs from inside the VPC; install_cluster_addons = false skips them.
+provider "helm" {
+  kubernetes {
+    host                   = module.eks.cluster_endpoint
+    cluster_ca_certificate = base64decode(module.eks.cluster_ca_data)
+    exec {
+      api_version = "client.authentication.k8s.io/v1beta1"
+      command     = "aws"
+      args        = ["eks", "get-token", "--cluster-name", module.eks.cluster_name, "--region", var.region]
+    }
   }
 }
 
@@ -52,16 +69,26 @@ module "vpc" {
 }
 
 module "eks" {
-  source            = "./modules/eks"
-  name              = local.name
-  vpc_id            = module.vpc.vpc_id
-  vpc_cidr          = module.vpc.vpc_cidr
-  subnet_ids        = module.vpc.private_subnet_ids
-  cpu_nodes         = var.cpu_nodes
-  gpu_node_groups   = var.gpu_node_groups
-  remote_node_cidrs = local.hybrid ? var.ascend_remote_node_cidrs : []
-  remote_pod_cidrs  = local.hybrid ? var.ascend_remote_pod_cidrs : []
-  tags              = local.tags
+  source             = "./modules/eks"
+  name               = local.name
+  vpc_id             = module.vpc.vpc_id
+  vpc_cidr           = module.vpc.vpc_cidr
+  subnet_ids         = module.vpc.private_subnet_ids
+  cpu_nodes          = var.cpu_nodes
+  gpu_node_groups    = var.gpu_node_groups
+  remote_node_cidrs  = local.hybrid ? var.ascend_remote_node_cidrs : []
+  remote_pod_cidrs   = local.hybrid ? var.ascend_remote_pod_cidrs : []
+  cluster_admin_arns = var.cluster_admin_arns
+  tags               = local.tags
+}
+
+module "addons" {
+  source                      = "./modules/addons"
+  count                       = var.install_cluster_addons ? 1 : 0
+  cluster_name                = module.eks.cluster_name
+  region                      = var.region
+  cluster_autoscaler_role_arn = module.eks.system_role_arns["cluster-autoscaler"]
+  depends_on                  = [module.eks] # node groups, add-ons and admin access entry first
 }
 
 module "s3" {
@@ -95,11 +122,10 @@ module "iam" {
 }
 
 module "ascend" {
-  source         = "./modules/ascend"
-  mode           = var.ascend_mode
-  name           = local.name
-  cluster_name   = module.eks.cluster_name
-  cce_cluster_id = var.cce_cluster_id
-  node_count     = var.ascend_node_count
-  tags           = local.tags
+  source       = "./modules/ascend"
+  mode         = var.ascend_mode
+  name         = local.name
+  cluster_name = module.eks.cluster_name
+  node_count   = var.ascend_node_count
+  tags         = local.tags
 }

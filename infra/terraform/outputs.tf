@@ -47,3 +47,18 @@ output "pipeline_role_arn" {
   description = "IRSA role of the KFP pipeline pods (serviceaccount troupe-pipeline)."
   value       = module.iam.role_arns["pipeline"]
 }
+
+output "gpu_node_groups" {
+  description = "Per GPU group: instance_type, gpus_per_node, efa_per_node (request vpc.amazonaws.com/efa: <this> with all of a node's GPUs), labels, taint."
+  value       = module.eks.gpu_node_groups
+}
+
+output "storage_class" {
+  description = "Default StorageClass (EBS CSI add-on, gp3) that PVCs naming no class get."
+  value       = module.eks.storage_class
+}
+
+output "system_role_arns" {
+  description = "IRSA roles of kube-system controllers: ebs-csi (EBS CSI add-on), cluster-autoscaler."
+  value       = module.eks.system_role_arns
+}

@@ -20,7 +20,7 @@ variable "azs" {
 }
 
 variable "gpu_node_groups" {
-  description = "GPU node groups (see modules/eks); min 0 so idle GPU nodes scale away."
+  description = "GPU node groups (see modules/eks): min 0 so idle GPU nodes scale away and cluster-autoscaler scales them up from 0; efa = true attaches one EFA per network card of the instance type (p4d 4, p5 32) in a cluster placement group."
   type = map(object({
     instance_type = string
     min           = number
@@ -35,9 +35,13 @@ variable "gpu_node_groups" {
 }
 
 variable "ascend_mode" {
-  description = "Ascend NPU nodes: none | eks-hybrid (servers join this EKS cluster) | cce (Huawei Cloud CCE node pool)."
+  description = "Ascend NPU nodes: none | eks-hybrid (servers join this EKS cluster). A Huawei Cloud CCE node pool is the separate root ascend-cce/."
   type        = string
   default     = "none"
+  validation {
+    condition     = contains(["none", "eks-hybrid"], var.ascend_mode)
+    error_message = "ascend_mode is none or eks-hybrid; for a Huawei Cloud CCE node pool apply infra/terraform/ascend-cce instead."
+  }
 }
 
 variable "ascend_remote_node_cidrs" {
@@ -53,15 +57,9 @@ variable "ascend_remote_pod_cidrs" {
 }
 
 variable "ascend_node_count" {
-  description = "Number of Ascend nodes (eks-hybrid: activation limit; cce: node pool size)."
+  description = "eks-hybrid: number of Ascend servers the SSM activation admits."
   type        = number
   default     = 0
-}
-
-variable "cce_cluster_id" {
-  description = "cce: existing CCE cluster id."
-  type        = string
-  default     = ""
 }
 
 variable "vpc_cidr" {
@@ -103,4 +101,16 @@ variable "db_deletion_protection" {
   description = "RDS refuses deletion (false only so a test env can be torn down)."
   type        = bool
   default     = true
+}
+
+variable "install_cluster_addons" {
+  description = "Install the Helm add-ons (NVIDIA + EFA device plugins, cluster-autoscaler; modules/addons). Needs the private API endpoint, i.e. an apply from inside the VPC; false applies the AWS side only."
+  type        = bool
+  default     = true
+}
+
+variable "cluster_admin_arns" {
+  description = "IAM role/user ARNs that get cluster admin through EKS access entries, besides the identity running Terraform."
+  type        = list(string)
+  default     = []
 }

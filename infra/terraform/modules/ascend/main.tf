@@ -1,22 +1,20 @@
-# Ascend NPU node pool. Two paths, chosen by `mode`:
-#   "eks-hybrid": Ascend servers (on-prem or Huawei Cloud BMS, reachable over VPN/Direct Connect) join
-#                 the EKS cluster as EKS Hybrid Nodes. This module creates the node IAM role (assumed
-#                 through SSM hybrid activations) and the HYBRID_LINUX access entry; the EKS module gets
-#                 the node/pod CIDRs (remote_network_config). On each server: install the Ascend driver +
-#                 device plugin, then `nodeadm init` with the activation (docs/production.md).
-#   "cce":        a separate Huawei Cloud CCE cluster with an Ascend node pool (huaweicloud provider,
-#                 see cce.tf); KubeRay and the troupe-training chart are installed there too.
-#   "none":       no Ascend nodes.
+# Ascend NPU nodes that join this EKS cluster as EKS Hybrid Nodes (mode "eks-hybrid"): Ascend servers
+# (on-prem or Huawei Cloud BMS, reachable over VPN/Direct Connect). This module creates the node IAM
+# role (assumed through SSM hybrid activations) and the HYBRID_LINUX access entry; the EKS module gets
+# the node/pod CIDRs (remote_network_config). On each server: install the Ascend driver + device
+# plugin, then `nodeadm init` with the activation (docs/production.md). AWS resources only.
+# The other Ascend path, a node pool in a Huawei Cloud CCE cluster, is a root module of its own
+# (infra/terraform/ascend-cce) so that this root never needs the huaweicloud provider.
 # Nodes must carry label troupe.ai/pool=ascend and taint huawei.com/Ascend910=true:NoSchedule,
 # which is what charts/*/values.yaml (accelerators.ascend) select and tolerate.
 
 variable "mode" {
-  description = "none | eks-hybrid | cce."
+  description = "none | eks-hybrid."
   type        = string
   default     = "none"
   validation {
-    condition     = contains(["none", "eks-hybrid", "cce"], var.mode)
-    error_message = "ascend mode must be none, eks-hybrid or cce."
+    condition     = contains(["none", "eks-hybrid"], var.mode)
+    error_message = "ascend mode must be none or eks-hybrid (the CCE path is infra/terraform/ascend-cce)."
   }
 }
 
@@ -31,34 +29,10 @@ variable "cluster_name" {
   default     = ""
 }
 
-variable "cce_cluster_id" {
-  description = "Existing CCE cluster id (cce)."
-  type        = string
-  default     = ""
-}
-
-variable "cce_flavor" {
-  description = "Huawei Cloud Ascend flavor of the CCE node pool (cce); check the region's flavor list."
-  type        = string
-  default     = "physical.kat2ne.48xlarge.8.313t"
-}
-
-variable "cce_availability_zone" {
-  description = "Huawei Cloud AZ of the node pool (cce)."
-  type        = string
-  default     = ""
-}
-
 variable "node_count" {
-  description = "Ascend nodes (cce: initial node count)."
+  description = "Ascend servers the SSM activation admits (eks-hybrid)."
   type        = number
   default     = 0
-}
-
-variable "cce_key_pair" {
-  description = "Huawei Cloud key pair name for node login (cce)."
-  type        = string
-  default     = ""
 }
 
 variable "tags" {

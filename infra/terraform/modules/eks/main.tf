@@ -1,6 +1,8 @@
 # EKS cluster: private API endpoint, KMS-encrypted secrets, all control-plane logs, OIDC provider for
 # IRSA; managed node groups: system, CPU (gateways, Ray heads, MLflow), GPU groups (p4d / p5) with a
-# nvidia.com/gpu NoSchedule taint and optional EFA through a launch template.
+# nvidia.com/gpu NoSchedule taint, EFA interfaces sized to the instance type and a cluster placement
+# group, and the ASG tags cluster-autoscaler needs to scale a GPU group up from 0 nodes.
+# EKS add-ons (VPC CNI with network policy, EBS CSI driver) and the system IRSA roles: addons.tf.
 
 variable "name" {
   description = "Cluster name, e.g. troupe-prod."
@@ -71,6 +73,57 @@ variable "tags" {
 }
 
 data "aws_partition" "current" {}
+
+locals {
+  # What the GPU node groups need to know about their instance type, keyed by instance type:
+  #   gpus           nvidia.com/gpu per node (the scale-from-zero template cluster-autoscaler plans with)
+  #   efa_interfaces EFA devices per node = the type's network cards (one EFA per card); the launch
+  #                  template attaches that many and pods request vpc.amazonaws.com/efa: <this>
+  #   accelerator    value of the k8s.amazonaws.com/accelerator label, by which cluster-autoscaler knows
+  #                  a node is a GPU node (it waits for the device plugin before scaling up again)
+  # Network cards per type: EC2 "network cards" tables (aws ec2 describe-instance-types
+  # --query 'InstanceTypes[].NetworkInfo.MaximumNetworkCards'). Add a row before using a new type.
+  gpu_instance_types = {
+    "p4d.24xlarge"  = { gpus = 8, efa_interfaces = 4, accelerator = "nvidia-tesla-a100" }
+    "p4de.24xlarge" = { gpus = 8, efa_interfaces = 4, accelerator = "nvidia-tesla-a100" }
+    "p5.48xlarge"   = { gpus = 8, efa_interfaces = 32, accelerator = "nvidia-h100" }
+    "p5e.48xlarge"  = { gpus = 8, efa_interfaces = 32, accelerator = "nvidia-h200" }
+    "p5en.48xlarge" = { gpus = 8, efa_interfaces = 16, accelerator = "nvidia-h200" }
+  }
+  unknown_gpu_type = { gpus = 0, efa_interfaces = 0, accelerator = "" } # rejected by the node group's precondition
+  gpu_type = {
+    for k, g in var.gpu_node_groups : k => lookup(local.gpu_instance_types, g.instance_type, local.unknown_gpu_type)
+  }
+
+  # Each GPU group as the rest of this module uses it: its variable + its type's row + EFA count + labels.
+  gpu = {
+    for k, g in var.gpu_node_groups : k => merge(g, local.gpu_type[k], {
+      efa_count = g.efa ? local.gpu_type[k].efa_interfaces : 0
+      labels = {
+        "troupe.ai/pool"                = "gpu"
+        "troupe.ai/gpu-group"           = k
+        "k8s.amazonaws.com/accelerator" = local.gpu_type[k].accelerator
+      }
+    })
+  }
+
+  # cluster-autoscaler builds a template node for a group with 0 nodes from these ASG tags (EKS does
+  # not copy node group labels/taints to the ASG): without them it cannot tell that a pending pod
+  # asking for nvidia.com/gpu (and vpc.amazonaws.com/efa) would fit, and the group stays at 0.
+  ca_template = "k8s.io/cluster-autoscaler/node-template"
+  gpu_asg_tags = merge([
+    for k, g in local.gpu : {
+      for key, value in merge(
+        { for l, v in g.labels : "${local.ca_template}/label/${l}" => v },
+        {
+          "${local.ca_template}/taint/nvidia.com/gpu"     = "true:NoSchedule"
+          "${local.ca_template}/resources/nvidia.com/gpu" = tostring(g.gpus)
+        },
+        g.efa ? { "${local.ca_template}/resources/vpc.amazonaws.com/efa" = tostring(g.efa_count) } : {},
+      ) : "${k}|${key}" => { group = k, key = key, value = value }
+    }
+  ]...)
+}
 
 # Who may assume the cluster role (the EKS service) and the node role (EC2).
 data "aws_iam_policy_document" "assume" {
@@ -190,11 +243,20 @@ resource "aws_iam_role_policy_attachment" "node" {
   policy_arn = "arn:${data.aws_partition.current.partition}:iam::aws:policy/${each.value}"
 }
 
-# IMDSv2 only, encrypted root volume; GPU groups add EFA interfaces when asked.
+# EFA needs every node of a multi-node job in one cluster placement group (full-bisection, lowest
+# latency network); one group per EFA node group.
+resource "aws_placement_group" "efa" {
+  for_each = { for k, g in local.gpu : k => g if g.efa }
+  name     = "${var.name}-gpu-${each.key}"
+  strategy = "cluster"
+  tags     = var.tags
+}
+
+# IMDSv2 only, encrypted root volume; EFA GPU groups get one EFA per network card and the placement group.
 resource "aws_launch_template" "node" {
   for_each = merge(
-    { system = { efa = false, disk = 50 }, cpu = { efa = false, disk = 100 } },
-    { for k, g in var.gpu_node_groups : k => { efa = g.efa, disk = 500 } },
+    { system = { efa_count = 0, disk = 50 }, cpu = { efa_count = 0, disk = 100 } },
+    { for k, g in local.gpu : k => { efa_count = g.efa_count, disk = 500 } },
   )
   name_prefix = "${var.name}-${each.key}-"
 
@@ -213,13 +275,24 @@ resource "aws_launch_template" "node" {
     }
   }
 
+  # Card 0 carries the primary interface (EFA with ENA: the node's IP); every further card gets an
+  # EFA-only interface on device index 1 (EC2's layout for multi-card EFA instances; EFA-only takes
+  # no VPC IP, so a p5 node uses 1 IP, not 32). The count comes from local.gpu_instance_types.
   dynamic "network_interfaces" {
-    for_each = each.value.efa ? [0] : []
+    for_each = range(each.value.efa_count)
     content {
-      device_index       = 0
-      network_card_index = 0
-      interface_type     = "efa"
-      security_groups    = [aws_eks_cluster.this.vpc_config[0].cluster_security_group_id]
+      network_card_index    = network_interfaces.value
+      device_index          = network_interfaces.value == 0 ? 0 : 1
+      interface_type        = network_interfaces.value == 0 ? "efa" : "efa-only"
+      delete_on_termination = true
+      security_groups       = [aws_eks_cluster.this.vpc_config[0].cluster_security_group_id]
+    }
+  }
+
+  dynamic "placement" {
+    for_each = each.value.efa_count > 0 ? [aws_placement_group.efa[each.key].name] : []
+    content {
+      group_name = placement.value
     }
   }
 
@@ -249,6 +322,9 @@ resource "aws_eks_node_group" "pool" {
     desired_size = each.value.desired
     max_size     = each.value.max
   }
+  lifecycle {
+    ignore_changes = [scaling_config[0].desired_size] # cluster-autoscaler moves it between min and max
+  }
   dynamic "taint" {
     for_each = each.key == "system" ? [1] : []
     content {
@@ -258,19 +334,19 @@ resource "aws_eks_node_group" "pool" {
     }
   }
   tags       = var.tags
-  depends_on = [aws_iam_role_policy_attachment.node]
+  depends_on = [aws_iam_role_policy_attachment.node, aws_eks_addon.vpc_cni] # nodes start with the network policy agent
 }
 
 resource "aws_eks_node_group" "gpu" {
-  for_each        = var.gpu_node_groups
+  for_each        = local.gpu
   cluster_name    = aws_eks_cluster.this.name
   node_group_name = "gpu-${each.key}"
   node_role_arn   = aws_iam_role.node.arn
   # EFA needs all nodes of a job in one AZ (cluster placement); non-EFA groups spread.
   subnet_ids     = each.value.efa ? [var.subnet_ids[0]] : var.subnet_ids
   instance_types = [each.value.instance_type]
-  ami_type       = "AL2023_x86_64_NVIDIA"
-  labels         = { "troupe.ai/pool" = "gpu", "troupe.ai/gpu-group" = each.key }
+  ami_type       = "AL2023_x86_64_NVIDIA" # NVIDIA driver + EFA host libraries; the device plugins come from modules/addons
+  labels         = each.value.labels
   launch_template {
     id      = aws_launch_template.node[each.key].id
     version = aws_launch_template.node[each.key].latest_version
@@ -285,8 +361,27 @@ resource "aws_eks_node_group" "gpu" {
     value  = "true"
     effect = "NO_SCHEDULE"
   }
+  # cluster-autoscaler owns desired_size once the group exists; Terraform keeps min and max.
+  lifecycle {
+    ignore_changes = [scaling_config[0].desired_size]
+    precondition {
+      condition     = contains(keys(local.gpu_instance_types), each.value.instance_type)
+      error_message = "gpu_node_groups.${each.key}: instance type ${each.value.instance_type} is not in local.gpu_instance_types (modules/eks); add its GPU and EFA counts there."
+    }
+  }
   tags       = var.tags
-  depends_on = [aws_iam_role_policy_attachment.node]
+  depends_on = [aws_iam_role_policy_attachment.node, aws_eks_addon.vpc_cni] # nodes start with the network policy agent
+}
+
+# Scale-from-zero template tags (local.gpu_asg_tags) on each GPU group's ASG; not propagated to instances.
+resource "aws_autoscaling_group_tag" "gpu_template" {
+  for_each               = local.gpu_asg_tags
+  autoscaling_group_name = aws_eks_node_group.gpu[each.value.group].resources[0].autoscaling_groups[0].name
+  tag {
+    key                 = each.value.key
+    value               = each.value.value
+    propagate_at_launch = false
+  }
 }
 
 output "cluster_name" {
@@ -312,4 +407,22 @@ output "oidc_provider_arn" {
 output "oidc_issuer" {
   description = "OIDC issuer URL without https://."
   value       = replace(aws_eks_cluster.this.identity[0].oidc[0].issuer, "https://", "")
+}
+
+output "cluster_ca_data" {
+  description = "Base64 cluster CA certificate (helm provider, kubeconfig)."
+  value       = aws_eks_cluster.this.certificate_authority[0].data
+}
+
+output "gpu_node_groups" {
+  description = "Per GPU group: instance_type, gpus and efa (vpc.amazonaws.com/efa) per node, node labels, taint; what the charts request and select."
+  value = {
+    for k, g in local.gpu : k => {
+      instance_type = g.instance_type
+      gpus_per_node = g.gpus
+      efa_per_node  = g.efa_count
+      labels        = g.labels
+      taint         = "nvidia.com/gpu=true:NoSchedule"
+    }
+  }
 }

@@ -1,5 +1,5 @@
 # VPC: public subnets (NAT, load balancers) and private subnets (EKS nodes, RDS) across AZs,
-# flow logs to a KMS-encrypted CloudWatch log group, default security group closed.
+# an S3 gateway endpoint, flow logs to a KMS-encrypted CloudWatch log group, default security group closed.
 
 variable "name" {
   description = "Name prefix, e.g. troupe-prod."
@@ -102,6 +102,19 @@ resource "aws_route_table_association" "private" {
   route_table_id = aws_route_table.private[count.index].id
 }
 
+# S3 traffic from the private subnets (checkpoints, datasets, model weights, ECR image layers) goes
+# through this gateway endpoint instead of the NAT gateways: no NAT data-processing charge for
+# terabytes of checkpoints, and it never leaves the AWS network. Gateway endpoints are free. The
+# default endpoint policy (any bucket) is kept: ECR layers live in AWS-owned buckets; the IRSA roles
+# still decide which of our buckets a pod may touch.
+resource "aws_vpc_endpoint" "s3" {
+  vpc_id            = aws_vpc.this.id
+  service_name      = "com.amazonaws.${data.aws_region.current.name}.s3"
+  vpc_endpoint_type = "Gateway"
+  route_table_ids   = aws_route_table.private[*].id
+  tags              = merge(var.tags, { Name = "${var.name}-s3" })
+}
+
 resource "aws_kms_key" "logs" {
   description         = "${var.name} VPC flow logs"
   enable_key_rotation = true
@@ -189,4 +202,9 @@ output "private_subnet_ids" {
 output "public_subnet_ids" {
   description = "Public subnet ids (NAT, public load balancers)."
   value       = aws_subnet.public[*].id
+}
+
+output "s3_endpoint_id" {
+  description = "S3 gateway VPC endpoint id (routes of the private subnets)."
+  value       = aws_vpc_endpoint.s3.id
 }

@@ -1,5 +1,5 @@
 # One S3 bucket: KMS-encrypted, versioned, public access blocked, owner-enforced, lifecycle for
-# non-current versions, access logs to `log_bucket` (none for the log bucket itself).
+# non-current versions, server access logs to `log_bucket` (the access-log bucket in ../main.tf).
 
 variable "bucket" {
   description = "Bucket name."
@@ -12,7 +12,7 @@ variable "kms_key_arn" {
 }
 
 variable "log_bucket" {
-  description = "Access-log target bucket; empty for the log bucket itself."
+  description = "Server access log target bucket (its policy must let logging.s3.amazonaws.com write)."
   type        = string
 }
 
@@ -37,7 +37,6 @@ variable "tags" {
 resource "aws_s3_bucket" "this" {
   #checkov:skip=CKV_AWS_144:cross-region replication not required; versioning + lifecycle cover recovery and data is reproducible from DVC sources
   #checkov:skip=CKV2_AWS_62:no event consumers; pipelines read MLflow/DVC metadata instead of S3 events
-  #checkov:skip=CKV_AWS_18:access logging is configured by aws_s3_bucket_logging below when log_bucket is set; the log bucket itself is not logged (it would log into itself)
   bucket        = var.bucket
   force_destroy = var.force_destroy
   tags          = var.tags
@@ -91,8 +90,9 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
   }
 }
 
+# Unconditional: a count on `log_bucket == ""` cannot be planned while the log bucket is being created
+# (its name is only known after apply), which made the first plan of the root fail.
 resource "aws_s3_bucket_logging" "this" {
-  count         = var.log_bucket == "" ? 0 : 1
   bucket        = aws_s3_bucket.this.id
   target_bucket = var.log_bucket
   target_prefix = "${var.bucket}/"

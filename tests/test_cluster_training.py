@@ -21,8 +21,6 @@ What the tests show (issue 9, item 2):
 * a RayJob whose inputs are local paths or missing objects is refused before anything is created.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import signal
@@ -35,8 +33,8 @@ from typing import Any
 
 import pytest
 import yaml
-from tests.cluster_box import mlflow_box, ray_cluster, s3  # noqa: F401 - fixtures
 
+from tests.cluster_box import mlflow_server, ray_cluster, s3  # noqa: F401 - fixtures
 from tests.kube_standin import KubeRayStandIn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +58,7 @@ def _write_splits(dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def box(s3, ray_cluster, mlflow_box, tiny_model_dir, tmp_path_factory):  # noqa: F811
+def box(s3, ray_cluster, mlflow_server, tiny_model_dir, tmp_path_factory):  # noqa: F811
     """Inputs on S3, a params file whose every path is a URI, the KubeRay stand-in and a kubeconfig."""
     from troupe import storage
 
@@ -77,12 +75,14 @@ def box(s3, ray_cluster, mlflow_box, tiny_model_dir, tmp_path_factory):  # noqa:
         dpo_model=f"{root}/r1/dpo_model",
     )
     params["model"]["base"] = "tiny-random"
-    params["data"]["cutoff_len"] = 256
-    params["train"].update(accelerator="cpu", num_workers=2, zero_stage=3, checkpoint_num_to_keep=1)
+    params["data"]["cutoff_len"] = 768  # the zh persona cards are ~450 tokens
+    # SPREAD: one rank per node here, so the test sees what crosses nodes (production packs ranks)
+    params["train"].update(accelerator="cpu", num_workers=2, zero_stage=3, checkpoint_num_to_keep=1,
+                           placement_strategy="SPREAD")  # fmt: skip
     params["sft"].update(max_steps=6, per_device_batch_size=1, learning_rate=1e-3)
     params["pairs"].update(max_pairs=4, max_new_tokens=8)
     params["dpo"].update(max_steps=2, per_device_batch_size=1, gradient_accumulation_steps=1)
-    params["registry"]["tracking_uri"] = mlflow_box.uri
+    params["registry"]["tracking_uri"] = mlflow_server.uri
     pfile = tmp / "params.yaml"
     pfile.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     mounts = tmp / "mounts"
@@ -90,7 +90,7 @@ def box(s3, ray_cluster, mlflow_box, tiny_model_dir, tmp_path_factory):  # noqa:
         yield {
             "root": root, "params": params, "pfile": pfile, "kube": kube, "tmp": tmp,
             "kubeconfig": kube.kubeconfig(tmp / "kubeconfig"), "mounts": mounts,
-            "cluster": ray_cluster, "mlflow": mlflow_box, "s3": s3,
+            "cluster": ray_cluster, "mlflow": mlflow_server, "s3": s3,
         }  # fmt: skip
 
 
@@ -101,12 +101,17 @@ def chart_sets(box: dict[str, Any], release: str) -> list[str]:
         f"mlflow.trackingUri={box['mlflow'].uri}",
         f"params.mountPath={box['mounts']}/{release}",
         "checkpoints.everySteps=2",
+        f"checkpoints.s3Uri={box['root']}/{release}/checkpoints",
     ]
 
 
 class Chaos(threading.Thread):
-    """Stops the first Ray job attempt of a RayJob once its first checkpoint is in storage (a lost
-    node, a preempted spot instance) and records every listing of the run's checkpoint prefix."""
+    """Stops the first Ray job attempt of a RayJob once its first checkpoint is registered (a lost
+    node, a preempted spot instance) and records every listing of the run's checkpoint prefix.
+
+    "Registered" = listed in Ray Train's checkpoint-manager snapshot in storage, which is what a new
+    attempt restores from; a checkpoint uploaded but not yet registered (the controller collects
+    reports on its ~2 s poll) is lost with the attempt, in production as here."""
 
     def __init__(self, kube: KubeRayStandIn, rayjob: str, ckpt_prefix: str):
         super().__init__(daemon=True)
@@ -128,7 +133,13 @@ class Chaos(threading.Thread):
             if names:
                 self.listings.append(names)
             attempts = self.kube.attempts.get(self.rayjob) or []
-            if self.stopped is None and attempts and names:
+            try:
+                registered = "checkpoint-" in storage.read_text(
+                    f"{self.prefix}/checkpoint_manager_snapshot.json"
+                )
+            except Exception:  # noqa: BLE001 - no snapshot yet
+                registered = False
+            if self.stopped is None and attempts and registered:
                 self.stopped = attempts[0]
                 self.kube.jobs.stop_job(attempts[0])
             time.sleep(0.5)
@@ -204,7 +215,7 @@ def test_kfp_step_runs_sft_as_rayjob_survives_a_lost_attempt_and_resumes(
     assert any("checkpoint-000002" not in names for names in chaos.listings if names), chaos.listings
     # each rank downloaded only its own ZeRO shard on resume, each on its own node's scratch
     resumed = {}
-    for scratch in box["cluster"].scratch_dirs:
+    for scratch in box["cluster"].scratch_dirs().values():
         for f in Path(scratch).glob(f"runs/sft-{run_id}/resume-rank*/troupe_resume.json"):
             got = json.loads(f.read_text())
             resumed[got["rank"]] = (scratch, got)
@@ -214,7 +225,7 @@ def test_kfp_step_runs_sft_as_rayjob_survives_a_lost_attempt_and_resumes(
         assert any(f"zero_pp_rank_{rank}_" in f for f in got["downloaded"])
         assert not any(f"zero_pp_rank_{1 - rank}_" in f for f in got["downloaded"])
     # each node fetched the base model itself (no node read another node's files)
-    for scratch in box["cluster"].scratch_dirs:
+    for scratch in box["cluster"].scratch_dirs().values():
         assert any(Path(scratch, "inputs").glob("*/config.json")), scratch
     box["sft_model"] = out
 
@@ -304,12 +315,20 @@ def test_rayjob_with_unreachable_inputs_is_refused_before_creation(box: dict[str
 
     monkeypatch.setenv("KUBECONFIG", str(box["kubeconfig"]))
     before = len(box["kube"].created)
-    for override, needle in (
-        ("paths.splits=/minio/mlpipeline/splits", "paths.splits='/minio/mlpipeline/splits': a local path"),
-        (f"paths.base_model={box['root']}/nope", "paths.base_model: " + box["root"] + "/nope: no such"),
-    ):
-        res = CliRunner().invoke(rayjob_cli, ["submit", "--step", "sft", "--params", str(box["pfile"]),
-                                              "--set", override, "--env", "test", "--release", "bad",
-                                              *sum((["--chart-set", s] for s in chart_sets(box, "bad")), [])])  # fmt: skip
-        assert res.exit_code != 0 and needle in (res.output + str(res.exception)), res.output
+    cases = (
+        (
+            ["--set", "paths.splits=/minio/mlpipeline/splits"],
+            "paths.splits='/minio/mlpipeline/splits': a local path",
+        ),
+        (["--set", f"paths.base_model={box['root']}/nope"], f"paths.base_model: {box['root']}/nope: no such"),
+        (
+            ["--chart-set", "checkpoints.s3Uri=s3://no-such-bucket/runs"],
+            "bucket s3://no-such-bucket does not exist",
+        ),
+    )
+    for extra, needle in cases:
+        args = ["submit", "--step", "sft", "--params", str(box["pfile"]), "--env", "test", "--release", "bad"]
+        args += sum((["--chart-set", s] for s in chart_sets(box, "bad")), []) + extra
+        res = CliRunner().invoke(rayjob_cli, args)
+        assert res.exit_code != 0 and needle in (res.output + str(res.exception)), (res.output, res.exception)
     assert len(box["kube"].created) == before

@@ -8,6 +8,9 @@ of being silently ignored.
 
 Adding a parameter is one line in its section, e.g.::
 
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first (NCCL/HCCL within a node)"
+    )
     checkpoint_num_to_keep: int = Field(2, ge=1, description="checkpoints kept in storage")
 
 and a new section is a class here plus one field of :class:`Params`. ``troupe params schema`` prints
@@ -167,6 +170,9 @@ class Train(_Section):
     checkpoint_uri: str = Field(
         "",
         description="Ray Train storage, e.g. s3://bucket/checkpoints (empty: .checkpoints beside the output)",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers: PACK fills a node first (NCCL/HCCL within a node)"
     )
     checkpoint_num_to_keep: int = Field(
         2, ge=1, description="newest checkpoints kept in storage (older ones are pruned by Ray Train)"

@@ -150,6 +150,25 @@ def check_readable(location: str | Path, what: str, *, kind: str = "any") -> Non
         )
 
 
+def check_root(location: str | Path, what: str) -> None:
+    """Fail fast when the bucket (or local parent) an output will be written under does not exist.
+
+    Raises:
+        StorageError: naming ``what``, the location and why (missing bucket, credentials, endpoint).
+    """
+    s = str(location)
+    if not is_remote(s):
+        return
+    scheme, _, rest = s.partition("://")
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    try:
+        t = info(bucket)
+    except StorageError as e:
+        raise StorageError(f"{what}: {e}", uri=s, reason=e.reason) from e
+    if t == "missing":
+        raise StorageError(f"{what}: {s}: bucket {bucket} does not exist", uri=s, reason="missing")
+
+
 def scratch_root() -> Path:
     """This process's node-local scratch directory: ``$TROUPE_SCRATCH`` or ``<tmp>/troupe-scratch``."""
     root = Path(os.environ.get("TROUPE_SCRATCH") or Path(tempfile.gettempdir()) / "troupe-scratch")

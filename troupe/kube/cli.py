@@ -7,6 +7,7 @@ creates the RayJob, follows it and exits non-zero with KubeRay's reason when it 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -149,6 +150,10 @@ def submit_cmd(
     release = release or time.strftime("troupe-%Y%m%d-%H%M%S", time.gmtime())
     check_cluster_locations(params, step)
     cm, job = _build(params, step, env, value_files, chart_sets, release, namespace)
+    from troupe import storage
+
+    ckpt = json.loads(job["spec"]["runtimeEnvYAML"])["env_vars"]["TROUPE_CHECKPOINT_URI"]
+    storage.check_root(ckpt, "checkpoints.s3Uri")
     api_client = kube_api_client()
     core = client.CoreV1Api(api_client)
     try:

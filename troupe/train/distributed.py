@@ -322,7 +322,10 @@ def run_on_ray(loop, config: dict[str, Any], train: dict[str, Any], name: str, s
         train_loop_config=config,
         torch_config=TorchConfig(backend=backend, timeout_s=1800),
         scaling_config=ScalingConfig(
-            num_workers=n, use_gpu=backend == "nccl", resources_per_worker=resources
+            num_workers=n,
+            use_gpu=backend == "nccl",
+            resources_per_worker=resources,
+            placement_strategy=str(train.get("placement_strategy", "PACK")),
         ),
         run_config=RunConfig(
             name=name,
@@ -348,25 +351,39 @@ def node_scratch(cfg: dict[str, Any]) -> Path:
     return d
 
 
+#: True in the rank that wrote its node's dataset copy (:func:`_node_dataset`); that rank also writes
+#: the node's TRL caches (see ``troupe.train.dpo.node_local_dpo_trainer``).
+NODE_WRITER = False
+
+
 def _node_dataset(cfg: dict[str, Any]):
     """The training examples as a ``datasets.Dataset`` saved once per node and loaded by its ranks.
 
-    The node's first local rank saves the examples to ``<node scratch>/dataset-<method>`` and the
-    node's ranks load it after a barrier, so the cache files TRL writes while preprocessing (e.g.
-    DPO's precomputed reference log-probs, written by the node's first rank, see
-    :func:`_node_local_cache`) are in a directory every rank on that node can open. No directory is
-    shared between nodes.
+    One rank per node (the first to create the node's writer marker; a marker per worker-group start,
+    so a restarted group writes afresh) saves the examples to ``<node scratch>/dataset-<method>`` and
+    every rank loads it after a barrier, so the cache files TRL writes while preprocessing (DPO's
+    precomputed reference log-probs) land in a directory every rank on that node can open. No
+    directory is shared between nodes. The writer is chosen by the file system, not by Ray's local
+    rank: Ray numbers local ranks per node IP, and nodes can share an IP.
     """
     import shutil
 
-    import ray.train
     import torch.distributed as dist
     from datasets import Dataset, load_from_disk
 
+    global NODE_WRITER
     if not (dist.is_available() and dist.is_initialized()):
+        NODE_WRITER = True
         return Dataset.from_list(cfg["examples"])
+    token = [os.urandom(6).hex() if dist.get_rank() == 0 else ""]
+    dist.broadcast_object_list(token, src=0)
     d = node_scratch(cfg) / f"dataset-{cfg['method']}"
-    if ray.train.get_context().get_local_rank() == 0:
+    try:
+        os.close(os.open(d.parent / f".dataset-writer-{token[0]}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        NODE_WRITER = True
+    except FileExistsError:
+        NODE_WRITER = False
+    if NODE_WRITER:
         shutil.rmtree(d, ignore_errors=True)
         Dataset.from_list(cfg["examples"]).save_to_disk(str(d))
     dist.barrier()

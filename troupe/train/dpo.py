@@ -59,16 +59,19 @@ def node_local_dpo_trainer(base: type) -> type:
     """``base`` (TRL's ``DPOTrainer``) whose precomputed reference log-probs are cached per node.
 
     TRL writes the cache of precomputed reference log-probs on the global main process only and
-    every rank then reads that file back, which needs a disk shared by all nodes. Here each node's
-    first local rank writes it into the node's own dataset directory (all ranks hold the gathered
-    log-probs, so every node writes the same values); nothing is read across nodes.
+    every rank then reads that file back, which needs a disk shared by all nodes. Here the rank that
+    wrote its node's dataset copy (:data:`troupe.train.distributed.NODE_WRITER`) writes it into the
+    node's own dataset directory (all ranks hold the gathered log-probs, so every node writes the
+    same values); nothing is read across nodes.
     """
     import accelerate
+
+    from troupe.train import distributed
 
     class NodeLocalDPOTrainer(base):
         def _precompute_ref_logps(self, dataset, name, batch_size):
             prop = accelerate.Accelerator.is_main_process
-            accelerate.Accelerator.is_main_process = property(lambda a: a.is_local_main_process)
+            accelerate.Accelerator.is_main_process = property(lambda a: distributed.NODE_WRITER)
             try:
                 return super()._precompute_ref_logps(dataset, name, batch_size)
             finally:

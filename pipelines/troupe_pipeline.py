@@ -34,7 +34,7 @@ class KubeSettings:
         mlflow_secret_env: Secret key -> environment variable.
         storage_root: URI every pod can reach (IRSA) under which a run's RayJob inputs, outputs and
             checkpoints live: ``<storage_root>/troupe-<KFP run id>/...`` (terraform output
-            ``artifacts_bucket``). No volume is shared between task pods and Ray pods.
+            ``checkpoints_bucket``). No volume is shared between task pods and Ray pods.
         node_selector: label -> value for the steps that need accelerator nodes (in-process fallback).
         tolerations: taints tolerated by those steps, e.g. ``nvidia.com/gpu`` / ``huawei.com/Ascend910``.
         cpu_node_selector: label -> value for the light steps (data, registry, deploy).
@@ -58,9 +58,12 @@ class KubeSettings:
         default_factory=lambda: {
             "MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI",
             "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN",
+            # the MLflow chart's basic auth (on in prod)
+            "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
         }
     )
-    storage_root: str = "s3://troupe-prod-artifacts/runs"
+    storage_root: str = "s3://troupe-prod-checkpoints/runs"
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, str]] = field(default_factory=list)
     cpu_node_selector: dict[str, str] = field(default_factory=dict)

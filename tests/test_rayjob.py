@@ -192,13 +192,14 @@ def test_cli_render_matches_chart(tmp_path: Path) -> None:
     assert job == chart_rayjob(values, "r2")
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["huawei.com/Ascend910"] == 8
-    assert worker["envFrom"] == [{"secretRef": {"name": "troupe-aws"}}]
+    assert worker["envFrom"] == [{"secretRef": {"name": "troupe-aws"}}, {"secretRef": {"name": "troupe-mlflow-client"}}]
 
 
 def test_cli_submit_through_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI path through a kubeconfig. Input reachability (S3) is checked for real in
     tests/test_cluster_training.py; here it is switched off so params.yaml's local paths pass."""
     monkeypatch.setattr("troupe.kube.rayjob.check_cluster_locations", lambda params, step: None)
+    monkeypatch.setattr("troupe.storage.check_root", lambda uri, what: None)
     statuses = [
         RUNNING,
         {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "too slow"},

@@ -588,3 +588,18 @@ def test_checkov_has_no_failed_check(env: str) -> None:
         for c in tf["results"]["failed_checks"]
     ]
     assert failed == []
+
+
+def test_roles_reach_what_the_cluster_path_reads() -> None:
+    """MLflow reads the RDS-managed DB secret at every start (rotation); serving reads model versions
+    where training wrote them (checkpoints bucket); the KFP step uploads a run's inputs there."""
+    iam = module("iam")
+    text = (TF / "modules" / "iam" / "main.tf").read_text()
+    assert "secretsmanager:GetSecretValue" in text and "var.db_secret_arn" in text
+    assert "mlflow_db_secret" in resources(iam, "aws_iam_role_policy")
+    roles = re.search(r"roles = \{(.*?)\n  \}", text, re.S).group(1)
+    serving = next(line for line in roles.splitlines() if line.strip().startswith("serving"))
+    pipeline = next(line for line in roles.splitlines() if line.strip().startswith("pipeline"))
+    assert '"checkpoints"' in serving and 'rw = ["dvc", "mlflow-artifacts", "checkpoints"]' in pipeline
+    root = blocks(parse(TF / "main.tf"), "module")
+    assert "module.rds.master_user_secret_arn" in str(root["iam"])

@@ -118,6 +118,7 @@ module "iam" {
   namespace         = local.namespace
   bucket_arns       = module.s3.bucket_arns
   kms_key_arn       = module.s3.kms_key_arn
+  db_secret_arn     = module.rds.master_user_secret_arn
   tags              = local.tags
 }
 

@@ -252,8 +252,9 @@ def rayjob_manifest(
             "securityContext": copy.deepcopy(v["containerSecurityContext"]),
             "env": copy.deepcopy(env),
         }
-        if v["aws"].get("existingSecret"):
-            c["envFrom"] = [{"secretRef": {"name": v["aws"]["existingSecret"]}}]
+        secrets = [v["aws"].get("existingSecret"), (v.get("mlflow") or {}).get("existingSecret")]
+        if any(secrets):
+            c["envFrom"] = [{"secretRef": {"name": s}} for s in secrets if s]
         c["volumeMounts"] = [
             {"name": "params", "mountPath": mount, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},

@@ -72,10 +72,16 @@ securityContext:
   {{- toYaml .Values.containerSecurityContext | nindent 2 }}
 env:
   {{- include "troupe-training.env" . | nindent 2 }}
-{{- with .Values.aws.existingSecret }}
+{{- if or .Values.aws.existingSecret .Values.mlflow.existingSecret }}
 envFrom:
+  {{- with .Values.aws.existingSecret }}
   - secretRef:
       name: {{ . }}
+  {{- end }}
+  {{- with .Values.mlflow.existingSecret }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
 {{- end }}
 volumeMounts:
   - {name: params, mountPath: {{ .Values.params.mountPath }}, readOnly: true}

@@ -32,6 +32,11 @@ variable "kms_key_arn" {
   type        = string
 }
 
+variable "db_secret_arn" {
+  description = "ARN of the RDS-managed master user secret (Secrets Manager) the MLflow role may read."
+  type        = string
+}
+
 variable "tags" {
   description = "Tags for every resource."
   type        = map(string)
@@ -42,9 +47,11 @@ locals {
   # role => service account name (the charts' serviceAccount.name) and bucket access.
   roles = {
     training = { sa = "troupe-training", rw = ["checkpoints", "mlflow-artifacts"], ro = ["dvc"] }
-    serving  = { sa = "troupe-serving", rw = [], ro = ["mlflow-artifacts"] }
-    mlflow   = { sa = "troupe-mlflow", rw = ["mlflow-artifacts"], ro = [] }
-    pipeline = { sa = "troupe-pipeline", rw = ["dvc", "mlflow-artifacts"], ro = ["checkpoints"] }
+    # serving reads model versions where training wrote them (MLflow registers s3://<checkpoints>/... URIs)
+    serving = { sa = "troupe-serving", rw = [], ro = ["mlflow-artifacts", "checkpoints"] }
+    mlflow  = { sa = "troupe-mlflow", rw = ["mlflow-artifacts"], ro = [] }
+    # the KFP training step uploads a run's inputs under its storage root (checkpoints bucket) for the RayJob
+    pipeline = { sa = "troupe-pipeline", rw = ["dvc", "mlflow-artifacts", "checkpoints"], ro = [] }
   }
 }
 
@@ -101,6 +108,22 @@ resource "aws_iam_role" "this" {
   name               = "${var.name}-${each.key}"
   assume_role_policy = data.aws_iam_policy_document.assume[each.key].json
   tags               = var.tags
+}
+
+# The MLflow server reads the RDS-managed master password at every start (troupe.mlflow_server), so a
+# rotation (every 7 days) is picked up by a restart instead of a stale copy in a Kubernetes Secret.
+data "aws_iam_policy_document" "mlflow_db_secret" {
+  statement {
+    sid       = "ReadRdsManagedSecret"
+    actions   = ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"]
+    resources = [var.db_secret_arn]
+  }
+}
+
+resource "aws_iam_role_policy" "mlflow_db_secret" {
+  name   = "rds-secret-read"
+  role   = aws_iam_role.this["mlflow"].id
+  policy = data.aws_iam_policy_document.mlflow_db_secret.json
 }
 
 resource "aws_iam_role_policy" "this" {

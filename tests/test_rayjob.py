@@ -205,14 +205,7 @@ def test_cli_submit_through_kubeconfig(tmp_path: Path, monkeypatch: pytest.Monke
         {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "too slow"},
     ]
     with FakeKube(statuses) as kube:
-        kubeconfig = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-            "clusters": [{"name": "fake", "cluster": {"server": kube.url}}],
-            "users": [{"name": "u", "user": {"token": "t"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "u"}}],
-        }  # fmt: skip
-        (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
-        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+        monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig(tmp_path / "kubeconfig")))
         from troupe.kube.cli import rayjob_cli
 
         res = CliRunner().invoke(rayjob_cli, ["submit", "--step", "sft", "--params", str(ROOT / "params.yaml"),

@@ -1,11 +1,11 @@
 """The Troupe Ray Serve application: ``Router`` (gateway + canary router) in front of model deployments.
 
-Graph (one application per environment, route prefix e.g. ``/test`` or ``/production``)::
+Graph (one application per environment, ``troupe-<env>``; names in :mod:`serving.contract`)::
 
     HTTP -> Router (FastAPI ingress: auth, limits, persona card, sticky stable/canary split,
                     metrics, rollout stats)
               |-> stable  (Model: transformers + @serve.batch + persona-card KV cache | vLLM)
-              '-> canary  (same, other model version; optional)
+              '-> canary  (same, other model version; only when a canary model is configured)
 
 Endpoints (relative to the route prefix):
     POST /v1/chat/completions   OpenAI-compatible (``stream: true`` -> SSE); ``model`` = character id
@@ -14,8 +14,15 @@ Endpoints (relative to the route prefix):
     GET  /v1/rollout/stats      per-variant counters for the rollout controller (``?since=unix_s``)
     GET  /healthz
 
-The canary weight lives in the Router's ``user_config`` (``{"canary_weight": pct, "rolled_back":
-bool}``): changing it reconfigures the Router in place; model replicas are untouched.
+The canary weight lives in the Router's ``user_config`` (``{"canary_weight_percent": pct,
+"rolled_back": bool}``): changing it reconfigures the Router in place; model replicas are untouched.
+A ``serveConfigV2`` overrides the Router only (the one deployment every build has); model replica
+options (replicas, CPUs, GPUs, custom resources) travel in the ``model`` section of the args.
+
+Models are pinned by version number when the app is built (``models:/name@alias`` ->
+``models:/name/<n>``), so every replica serves the same version even if an alias moves. Characters
+travel with the model version (:mod:`troupe.registry` stores them); a ``characters`` path in the
+config (local runs, tests) takes precedence.
 
 Import path ``serving.app:build_app`` (Helm RayService chart, ``troupe deploy``).
 """
@@ -37,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from serving import contract
 from serving.backend import vllm_chat
 from serving.gateway import (
     GatewayError,
@@ -56,24 +64,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs" / "serving"
 
 #: Defaults under every serving config (configs/serving/<env>.yaml overrides, then build_app args).
+#: These keys (plus :data:`URI_ARGS` and ``config``) are every arg the app knows; others are errors.
 DEFAULTS: dict[str, Any] = {
     "env": "test",
     "route_prefix": "/test",
     "backend": "transformers",
-    "characters": [
-        "work/splits/characters.jsonl",
-        "work/validated/characters.jsonl",
-        "data/sample/characters.jsonl",
-    ],
+    # path or candidate list of a characters.jsonl; "" = the characters stored with the model version
+    "characters": "",
     "mlflow_tracking_uri": "",
     "model_name": "troupe-roleplay",
     "stable_alias": "champion",
     "canary_alias": "",
-    "canary_weight": 0.0,
+    contract.CANARY_WEIGHT: 0.0,
     "model": {
         "dtype": "float32",
         "num_replicas": 1,
         "num_cpus": 1,
+        "num_gpus": 0,
+        "resources": {},
         "max_batch_size": 8,
         "batch_wait_timeout_s": 0.02,
         "prefix_cache_mb": 64,
@@ -86,14 +94,59 @@ DEFAULTS: dict[str, Any] = {
         "served_model_name": "troupe",
         "require_api_key": False,
         "api_keys_sha256": [],
-        "api_keys_env": "TROUPE_API_KEYS_SHA256",
+        "api_keys_env": contract.API_KEYS_ENV,
         "api_keys_file": "",
         "typing_chars_per_sec": 4.0,
         "limits": {},
     },
     "router": {"num_cpus": 0, "retry_on_canary_error": True, "stats_window": 50000},
-    "vllm": {},
+    "vllm": {
+        "max_model_len": 8192,
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.9,
+        "min_replicas": None,  # None = model.num_replicas (autoscaling bounds of vLLM replicas)
+        "max_replicas": None,
+        "accelerator_type": None,
+    },
 }
+#: Args naming models directly (local dir or ``models:/name/<version>`` / ``models:/name@alias``).
+URI_ARGS = ("model_uri", contract.STABLE_MODEL_URI, contract.CANARY_MODEL_URI)
+#: Sections whose keys are checked one level down (``canary_model`` takes ``model`` keys).
+_SECTIONS = {
+    "model": "model",
+    "canary_model": "model",
+    "gateway": "gateway",
+    "router": "router",
+    "vllm": "vllm",
+}
+
+
+def known_args() -> frozenset[str]:
+    """Every top-level key ``build_app`` accepts."""
+    return frozenset(DEFAULTS) | frozenset(URI_ARGS) | {"config"}
+
+
+def check_args(args: dict[str, Any], where: str = "args") -> None:
+    """Reject keys the app does not know (top level and inside the config sections).
+
+    Raises:
+        ValueError: naming each unknown key and the known ones, e.g. a chart that still passes
+            ``canary_weight`` (a unit-less fraction) instead of ``canary_weight_percent``.
+    """
+    unknown = sorted(set(args) - known_args())
+    if unknown:
+        raise ValueError(f"serving {where}: unknown keys {unknown} (known: {sorted(known_args())})")
+    for sec, like in _SECTIONS.items():
+        val = args.get(sec)
+        if val is None:
+            continue
+        if not isinstance(val, dict):
+            raise ValueError(f"serving {where}.{sec}: expected a mapping, got {type(val).__name__}")
+        bad = sorted(set(val) - set(DEFAULTS[like]))
+        if bad:
+            raise ValueError(f"serving {where}.{sec}: unknown keys {bad} (known: {sorted(DEFAULTS[like])})")
+    if contract.CANARY_WEIGHT in args:
+        contract.check_weight(args[contract.CANARY_WEIGHT], f"serving {where}.{contract.CANARY_WEIGHT}")
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +162,9 @@ def load_serving_config(args: dict[str, Any]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: an explicit ``config`` path does not exist.
+        ValueError: an unknown key in the args or the config file (:func:`check_args`).
     """
+    check_args(args)
     env = str(args.get("env") or DEFAULTS["env"])
     path = args.get("config")
     cfg = copy.deepcopy(DEFAULTS)
@@ -117,9 +172,12 @@ def load_serving_config(args: dict[str, Any]) -> dict[str, Any]:
         p = _repo_path(path)
         if not p.is_file():
             raise FileNotFoundError(f"serving config {path}: not found")
-        cfg = deep_merge(cfg, yaml.safe_load(p.read_text(encoding="utf-8")) or {})
-    elif (CONFIG_DIR / f"{env}.yaml").is_file():
-        cfg = deep_merge(cfg, yaml.safe_load((CONFIG_DIR / f"{env}.yaml").read_text(encoding="utf-8")) or {})
+    else:
+        p = CONFIG_DIR / f"{env}.yaml"
+    if p.is_file():
+        file_cfg = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        check_args(file_cfg, str(p))
+        cfg = deep_merge(cfg, file_cfg)
     return deep_merge(cfg, {k: v for k, v in args.items() if k != "config" and v is not None})
 
 
@@ -139,44 +197,76 @@ def model_uris(cfg: dict[str, Any]) -> tuple[str, str | None]:
         ValueError: no stable model can be named (no URI and no model_name/stable_alias).
     """
     name = cfg.get("model_name")
-    stable = cfg.get("stable_model_uri") or cfg.get("model_uri")
+    stable = cfg.get(contract.STABLE_MODEL_URI) or cfg.get("model_uri")
     if not stable:
         if not (name and cfg.get("stable_alias")):
             raise ValueError("serving: give model_uri / stable_model_uri, or model_name + stable_alias")
         stable = f"models:/{name}@{cfg['stable_alias']}"
-    canary = cfg.get("canary_model_uri")
+    canary = cfg.get(contract.CANARY_MODEL_URI)
     if not canary and name and cfg.get("canary_alias"):
         canary = f"models:/{name}@{cfg['canary_alias']}"
     return str(stable), (str(canary) if canary and str(canary) != str(stable) else None)
 
 
-def resolve_model(uri: str, tracking_uri: str | None) -> tuple[Path, str]:
-    """(local checkpoint dir, version label) for a local dir or a ``models:/name@alias`` URI.
+def pin_uri(uri: str, tracking_uri: str | None) -> str:
+    """``models:/name@alias`` -> ``models:/name/<version>`` (other URIs unchanged).
 
     Raises:
-        FileNotFoundError / mlflow errors: the URI cannot be resolved.
+        troupe.config.ConfigError: the alias names no version.
+    """
+    if not (uri.startswith("models:/") and "@" in uri):
+        return uri
+    from troupe.registry import model_version
+
+    mv = model_version(uri, tracking_uri or None)
+    return contract.model_version_uri(mv.name, mv.version)
+
+
+def pinned_models(cfg: dict[str, Any]) -> tuple[str, str | None]:
+    """:func:`model_uris` with aliases pinned to version numbers; a canary alias that names no
+    version, or the stable version, means no canary (logged)."""
+    stable, canary = model_uris(cfg)
+    tracking = cfg.get("mlflow_tracking_uri") or None
+    stable = pin_uri(stable, tracking)
+    if canary:
+        try:
+            canary = pin_uri(canary, tracking)
+        except Exception as e:  # e.g. no challenger yet: serve stable alone
+            log.warning("canary %s not served: %s", canary, e)
+            canary = None
+    if canary == stable:
+        canary = None
+    return stable, canary
+
+
+def resolve_model(uri: str, tracking_uri: str | None) -> tuple[Path, str]:
+    """(local checkpoint dir, version label) for a local dir or a ``models:/`` URI.
+
+    The label of a registered version is ``<name>/<version>``.
+
+    Raises:
+        FileNotFoundError / ConfigError / mlflow errors: the URI cannot be resolved.
     """
     p = Path(uri)
     if not uri.startswith("models:/") and p.is_dir():
         meta = p / "troupe_model.json"
         label = json.loads(meta.read_text()).get("version", p.name) if meta.is_file() else p.name
         return p, str(label)
-    from troupe.registry import resolve_model_dir
+    from troupe.registry import model_version, resolve_model_dir
 
     d = resolve_model_dir(uri, tracking_uri=tracking_uri or None)
     label = uri
-    if uri.startswith("models:/") and "@" in uri:
-        try:
-            import mlflow
-
-            name, alias = uri[len("models:/") :].split("@", 1)
-            mv = mlflow.MlflowClient(tracking_uri=tracking_uri or None).get_model_version_by_alias(
-                name, alias
-            )
-            label = f"{name}/{mv.version}"
-        except Exception:  # label only; the model itself resolved
-            pass
+    if uri.startswith("models:/"):
+        mv = model_version(uri, tracking_uri or None)
+        label = f"{mv.name}/{mv.version}"
     return Path(d), label
+
+
+def version_label(uri: str) -> str:
+    """``name/<version>`` for ``models:/name/<version>``, the directory name for a local path."""
+    if uri.startswith("models:/"):
+        return uri[len("models:/") :]
+    return Path(uri).name if uri else ""
 
 
 def load_character_file(spec: str | list[str]) -> dict[str, Any]:
@@ -193,6 +283,39 @@ def load_character_file(spec: str | list[str]) -> dict[str, Any]:
         if p.is_file():
             return load_characters(p)
     raise FileNotFoundError(f"characters: none of {cands} exists (set 'characters' in the serving config)")
+
+
+def model_characters(uri: str, tracking_uri: str | None) -> dict[str, Any]:
+    """``{id: Character}`` stored with a model: the registered version's characters artifact
+    (:func:`troupe.registry.characters_file`; only that small file is downloaded), or
+    ``characters.jsonl`` inside a local model directory.
+
+    Raises:
+        FileNotFoundError / ConfigError: the model carries no characters.
+    """
+    from troupe.contract import load_characters
+
+    if uri.startswith("models:/"):
+        from troupe.registry import characters_file
+
+        return load_characters(characters_file(uri, tracking_uri or None))
+    p = Path(uri) / contract.CHARACTERS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"characters: {uri} holds no {contract.CHARACTERS_FILE} and no 'characters' path is configured"
+        )
+    return load_characters(p)
+
+
+def serving_characters(cfg: dict[str, Any], stable: str, canary: str | None) -> dict[str, Any]:
+    """The characters the Router serves: the configured ``characters`` file when set, else those of
+    the stable version plus characters only the canary version carries."""
+    if cfg.get("characters"):
+        return load_character_file(cfg["characters"])
+    tracking = cfg.get("mlflow_tracking_uri") or None
+    chars = dict(model_characters(canary, tracking)) if canary else {}
+    chars.update(model_characters(stable, tracking))
+    return chars
 
 
 # -- model deployment -----------------------------------------------------------------------------
@@ -294,10 +417,16 @@ class Model:
 api = FastAPI(title="Troupe role-play gateway")
 
 
-@serve.deployment(name="Router", max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name=contract.ROUTER, max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Router:
-    """Gateway + sticky weighted router (see module docstring). ``user_config``: canary weight."""
+    """Gateway + sticky weighted router (see module docstring). ``user_config``: canary weight.
+
+    Args:
+        stable, canary: handles of the model deployments (``canary`` None without a canary).
+        cfg: the serving config; ``stable_model_uri`` / ``canary_model_uri`` are the pinned URIs
+            whose characters are served unless ``characters`` names a file.
+    """
 
     def __init__(self, stable: Any, canary: Any | None, cfg: dict[str, Any]) -> None:
         from ray.serve.metrics import Counter, Histogram
@@ -305,7 +434,14 @@ class Router:
         from troupe.checks import check_reply
 
         self._check_reply = check_reply
-        self.handles = {"stable": stable, "canary": canary}
+        self.handles = {contract.STABLE: stable, contract.CANARY: canary}
+        self.labels = {  # version labels of the vLLM replicas (the transformers Model reports its own)
+            v: version_label(cfg.get(k) or "")
+            for v, k in (
+                (contract.STABLE, contract.STABLE_MODEL_URI),
+                (contract.CANARY, contract.CANARY_MODEL_URI),
+            )
+        }
         self.cfg = cfg
         self.env = str(cfg.get("env", "test"))
         gw = cfg.get("gateway", {})
@@ -313,13 +449,15 @@ class Router:
         self.served_name = gw.get("served_model_name", "troupe")
         self.keys = load_key_hashes(
             gw.get("api_keys_sha256"),
-            gw.get("api_keys_env", "TROUPE_API_KEYS_SHA256"),
+            gw.get("api_keys_env", contract.API_KEYS_ENV),
             gw.get("api_keys_file") or None,
         )
         self.require_key = bool(gw.get("require_api_key", False))
         self.cps = float(gw.get("typing_chars_per_sec", 4.0))
-        self.characters = load_character_file(cfg["characters"])
-        self.router = StickyRouter(float(cfg.get("canary_weight", 0.0)))
+        self.characters = serving_characters(
+            cfg, cfg[contract.STABLE_MODEL_URI], cfg.get(contract.CANARY_MODEL_URI)
+        )
+        self.router = StickyRouter(contract.check_weight(cfg.get(contract.CANARY_WEIGHT, 0.0)))
         self.rolled_back = False
         self.rollback_reason = ""
         self.retry = bool(cfg.get("router", {}).get("retry_on_canary_error", True))
@@ -348,15 +486,23 @@ class Router:
         )
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Apply ``{"canary_weight": pct, "rolled_back": bool, "reason": str}`` without restarts."""
-        if user_config.get("rolled_back"):
+        """Apply ``{"canary_weight_percent": pct, "rolled_back": bool, "reason": str}`` without restarts.
+
+        Raises:
+            ValueError: an unknown key (e.g. ``canary_weight``) or a weight outside 0-100; Serve
+                then reports the deployment unhealthy instead of routing with a wrong unit.
+        """
+        contract.check_user_config(user_config)
+        if user_config.get(contract.ROLLED_BACK):
             self.router.rollback()
             self.rolled_back = True
-            self.rollback_reason = str(user_config.get("reason", ""))
+            self.rollback_reason = str(user_config.get(contract.ROLLBACK_REASON, ""))
         else:
             self.rolled_back = False
             self.rollback_reason = ""
-            self.router.set_weight(float(user_config.get("canary_weight", self.router.canary_weight)))
+            self.router.set_weight(
+                float(user_config.get(contract.CANARY_WEIGHT, self.router.canary_weight_percent))
+            )
 
     # -- helpers ---------------------------------------------------------------------------------
     async def _read_json(self, request: Request) -> dict[str, Any]:
@@ -436,22 +582,22 @@ class Router:
     async def _call_model(self, variant: str, payload: dict[str, Any]) -> dict[str, Any]:
         h = self.handles[variant]
         if self.vllm:
-            return await vllm_chat(h, payload, self.served_name)
+            return {**await vllm_chat(h, payload, self.served_name), "model_version": self.labels[variant]}
         return await h.generate.remote(payload)
 
     async def _generate(self, prep: dict[str, Any]) -> tuple[dict[str, Any], str]:
         """Route, call, retry a failed canary call on stable; returns (model result, variant)."""
-        variant = self.router.route(prep["conversation_id"], self.handles["canary"] is not None)
+        variant = self.router.route(prep["conversation_id"], self.handles[contract.CANARY] is not None)
         self.model_calls += 1
         t0 = time.perf_counter()
         try:
             out = await self._call_model(variant, prep["payload"])
         except Exception as e:
             self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
-            if variant != "canary" or not self.retry:
+            if variant != contract.CANARY or not self.retry:
                 raise
             log.warning("canary call failed (%s); retrying on stable", e)
-            variant = "stable"
+            variant = contract.STABLE
             t0 = time.perf_counter()
             try:
                 out = await self._call_model(variant, prep["payload"])
@@ -576,11 +722,11 @@ class Router:
                 d["troupe"] = extra
             return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
-        variant = self.router.route(prep["conversation_id"], self.handles["canary"] is not None)
+        variant = self.router.route(prep["conversation_id"], self.handles[contract.CANARY] is not None)
         self.model_calls += 1
         yield chunk({"role": "assistant", "content": ""})
         pieces: list[str] = []
-        for attempt in (variant, "stable"):
+        for attempt in (variant, contract.STABLE):
             t0 = time.perf_counter()
             try:
                 if self.vllm:
@@ -599,7 +745,7 @@ class Router:
                 break
             except Exception as e:
                 self._record(attempt, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
-                if attempt == "stable" or pieces or not self.retry:  # cannot retry after output began
+                if attempt == contract.STABLE or pieces or not self.retry:  # cannot retry after output began
                     err = {"error": {"code": "model_error", "message": str(e)[:500]}}
                     yield f"data: {json.dumps(err)}\n\n"
                     yield "data: [DONE]\n\n"
@@ -622,8 +768,8 @@ class Router:
             "env": self.env,
             "now": time.time(),
             "since": since,
-            "canary_weight": self.router.canary_weight,
-            "canary_available": self.handles["canary"] is not None,
+            contract.CANARY_WEIGHT: self.router.canary_weight_percent,
+            "canary_available": self.handles[contract.CANARY] is not None,
             "rolled_back": self.rolled_back,
             "rollback_reason": self.rollback_reason,
             "pinned_conversations": self.router.pinned,
@@ -633,19 +779,30 @@ class Router:
         }
 
 
+def _actor_options(mcfg: dict[str, Any]) -> dict[str, Any]:
+    """``ray_actor_options`` of a model replica from the ``model`` section (CPUs, GPUs, resources)."""
+    opts: dict[str, Any] = {"num_cpus": float(mcfg.get("num_cpus", 1))}
+    if float(mcfg.get("num_gpus") or 0):
+        opts["num_gpus"] = float(mcfg["num_gpus"])
+    if mcfg.get("resources"):
+        opts["resources"] = {k: float(v) for k, v in mcfg["resources"].items()}
+    return opts
+
+
 def _model_app(variant: str, uri: str, cfg: dict[str, Any], mcfg: dict[str, Any]):
     if cfg.get("backend") == "vllm":  # optional `gpu` extra; imported only here
         from ray.serve.llm import LLMConfig, build_llm_deployment
 
         from serving.backend import vllm_engine_config
+        from troupe.registry import model_source
 
-        d, label = resolve_model(uri, cfg.get("mlflow_tracking_uri") or None)
+        source = model_source(uri, cfg.get("mlflow_tracking_uri") or None)  # replicas download it
         vcfg = {"served_model_name": cfg["gateway"].get("served_model_name", "troupe"), **cfg.get("vllm", {})}
-        return build_llm_deployment(LLMConfig(**vllm_engine_config(str(d), vcfg)), name_prefix=f"{variant}-")
+        return build_llm_deployment(
+            LLMConfig(**vllm_engine_config(source, vcfg, mcfg)), name_prefix=f"{variant}-"
+        )
     return Model.options(
-        name=variant,
-        num_replicas=int(mcfg.get("num_replicas", 1)),
-        ray_actor_options={"num_cpus": float(mcfg.get("num_cpus", 1))},
+        name=variant, num_replicas=int(mcfg.get("num_replicas", 1)), ray_actor_options=_actor_options(mcfg)
     ).bind(uri, cfg.get("mlflow_tracking_uri") or None, mcfg)
 
 
@@ -655,30 +812,35 @@ def build_app(args: dict[str, Any]):
     Args:
         args: ``env`` (test|production; selects ``configs/serving/<env>.yaml``), optional ``config``
             path, ``mlflow_tracking_uri``, ``model_name``, ``stable_alias``, ``canary_alias``,
-            ``canary_weight`` (percent), ``route_prefix`` (informational; the app's route prefix is
-            set by the deploy config), ``model_uri``/``stable_model_uri``/``canary_model_uri``
-            (local dir or ``models:/name@alias``), and any serving-config section to override
-            (``model``, ``canary_model``, ``gateway``, ``router``, ``characters``, ``backend``).
+            ``canary_weight_percent`` (initial Router weight, percent), ``route_prefix``
+            (informational; the route prefix is set by the deploy config),
+            ``model_uri``/``stable_model_uri``/``canary_model_uri`` (local dir or
+            ``models:/name/<version>`` / ``models:/name@alias``), and any serving-config section to
+            override (``model`` incl. ``num_replicas``/``num_cpus``/``num_gpus``/``resources``,
+            ``canary_model``, ``gateway``, ``router``, ``vllm``, ``characters``, ``backend``).
+            Unknown keys are errors (:func:`check_args`).
 
     Returns:
         A bound Ray Serve application whose ingress is the ``Router`` deployment.
 
     Raises:
-        ValueError: no stable model named; FileNotFoundError: config or characters file missing.
+        ValueError: unknown args or no stable model named; FileNotFoundError / ConfigError: config,
+            model version or characters missing.
     """
     cfg = load_serving_config(args)
-    load_character_file(cfg["characters"])  # fail at build time, not on the first request
-    stable_uri, canary_uri = model_uris(cfg)
-    stable = _model_app("stable", stable_uri, cfg, cfg["model"])
+    stable_uri, canary_uri = pinned_models(cfg)
+    cfg[contract.STABLE_MODEL_URI], cfg[contract.CANARY_MODEL_URI] = stable_uri, canary_uri
+    serving_characters(cfg, stable_uri, canary_uri)  # fail at build time, not on the first request
+    stable = _model_app(contract.STABLE, stable_uri, cfg, cfg["model"])
     canary = None
     if canary_uri:
         canary = _model_app(
-            "canary", canary_uri, cfg, deep_merge(cfg["model"], cfg.get("canary_model") or {})
+            contract.CANARY, canary_uri, cfg, deep_merge(cfg["model"], cfg.get("canary_model") or {})
         )
     else:
-        cfg["canary_weight"] = 0.0
+        cfg[contract.CANARY_WEIGHT] = 0.0
     rcfg = cfg.get("router", {})
     return Router.options(
         ray_actor_options={"num_cpus": float(rcfg.get("num_cpus", 0))},
-        user_config={"canary_weight": float(cfg.get("canary_weight", 0.0))},
+        user_config=contract.router_user_config(cfg.get(contract.CANARY_WEIGHT, 0.0)),
     ).bind(stable, canary, cfg)

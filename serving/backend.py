@@ -286,24 +286,43 @@ class TransformersBackend:
             raise err[0]
 
 
-def vllm_engine_config(model_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def vllm_engine_config(
+    model_source: str, cfg: dict[str, Any], mcfg: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Ray Serve LLM ``LLMConfig`` keyword arguments for a vLLM replica (prefix caching on).
+
+    Args:
+        model_source: where the replicas get the weights: an ``s3://`` prefix (Ray Serve LLM
+            downloads it on the replica's node) or a local directory.
+        cfg: the ``vllm`` section (+ ``served_model_name``).
+        mcfg: the ``model`` section: ``dtype`` (``bfloat16`` on GPU/NPU), ``num_cpus``, ``num_gpus``
+            and custom ``resources`` (e.g. ``{"NPU": 1}`` on Ascend, ``accelerator_slot``) per
+            engine worker; ``num_replicas`` is the replica count.
 
     Only builds a dict; :func:`serving.app.build_app` imports ``ray.serve.llm`` (and so vLLM) lazily
     when ``backend: vllm``.
     """
+    mcfg = mcfg or {}
+    source: Any = {"bucket_uri": model_source} if "://" in model_source else model_source
+    bundle: dict[str, float] = {"CPU": float(mcfg.get("num_cpus", 1))}
+    if float(mcfg.get("num_gpus") or 0):
+        bundle["GPU"] = float(mcfg["num_gpus"])
+    bundle.update({k: float(v) for k, v in (mcfg.get("resources") or {}).items()})
+    replicas = int(mcfg.get("num_replicas", 1))
     return dict(
-        model_loading_config=dict(model_id=cfg.get("served_model_name", "troupe"), model_source=model_dir),
+        model_loading_config=dict(model_id=cfg.get("served_model_name", "troupe"), model_source=source),
         engine_kwargs=dict(
             enable_prefix_caching=True,
             max_model_len=int(cfg.get("max_model_len", 8192)),
-            dtype=cfg.get("dtype", "auto"),
+            dtype=mcfg.get("dtype", cfg.get("dtype", "auto")),
             tensor_parallel_size=int(cfg.get("tensor_parallel_size", 1)),
             gpu_memory_utilization=float(cfg.get("gpu_memory_utilization", 0.9)),
         ),
+        placement_group_config=dict(bundle_per_worker=bundle),
         deployment_config=dict(
             autoscaling_config=dict(
-                min_replicas=int(cfg.get("min_replicas", 1)), max_replicas=int(cfg.get("max_replicas", 1))
+                min_replicas=replicas if cfg.get("min_replicas") is None else int(cfg["min_replicas"]),
+                max_replicas=replicas if cfg.get("max_replicas") is None else int(cfg["max_replicas"]),
             )
         ),
         accelerator_type=cfg.get("accelerator_type"),

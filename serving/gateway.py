@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.contract import CANARY, STABLE, VARIANTS
 from troupe.contract import Character, Message, to_chat
 from troupe.persona import render_system_prompt
 
@@ -196,12 +197,12 @@ def bucket(conversation_id: str) -> float:
     return (h % 10000) / 100.0
 
 
-def choose_variant(conversation_id: str, canary_weight: float) -> str:
-    """``"canary"`` if the conversation's bucket is below ``canary_weight`` (percent), else ``"stable"``.
+def choose_variant(conversation_id: str, canary_weight_percent: float) -> str:
+    """``"canary"`` if the conversation's bucket is below ``canary_weight_percent`` (percent), else ``"stable"``.
 
     Monotone in the weight: raising it only moves conversations from stable to canary.
     """
-    return "canary" if bucket(conversation_id) < canary_weight else "stable"
+    return CANARY if bucket(conversation_id) < canary_weight_percent else STABLE
 
 
 class StickyRouter:
@@ -212,29 +213,29 @@ class StickyRouter:
     conversations to the canary (:func:`choose_variant` is monotone). ``rollback()`` unpins all.
     """
 
-    def __init__(self, canary_weight: float = 0.0, max_pins: int = 100_000) -> None:
-        self.canary_weight = float(canary_weight)
+    def __init__(self, canary_weight_percent: float = 0.0, max_pins: int = 100_000) -> None:
+        self.canary_weight_percent = float(canary_weight_percent)
         self.max_pins = max_pins
         self._pins: OrderedDict[str, None] = OrderedDict()
 
     def set_weight(self, weight: float) -> None:
         """Set the canary share in percent (clamped to [0, 100])."""
-        self.canary_weight = min(100.0, max(0.0, float(weight)))
+        self.canary_weight_percent = min(100.0, max(0.0, float(weight)))
 
     def rollback(self) -> None:
         """Weight 0 and every pinned conversation back to stable."""
-        self.canary_weight = 0.0
+        self.canary_weight_percent = 0.0
         self._pins.clear()
 
     def route(self, conversation_id: str, canary_available: bool = True) -> str:
         """Variant for this conversation (``stable`` whenever no canary is deployed)."""
         if not canary_available:
-            return "stable"
+            return STABLE
         if conversation_id in self._pins:
             self._pins.move_to_end(conversation_id)
-            return "canary"
-        v = choose_variant(conversation_id, self.canary_weight)
-        if v == "canary":
+            return CANARY
+        v = choose_variant(conversation_id, self.canary_weight_percent)
+        if v == CANARY:
             self._pins[conversation_id] = None
             if len(self._pins) > self.max_pins:
                 self._pins.popitem(last=False)
@@ -274,9 +275,6 @@ def split_reply(text: str, chars_per_sec: float = 4.0, min_chars: int = 2) -> li
 
 
 # -- rollout statistics ---------------------------------------------------------------------------
-VARIANTS = ("stable", "canary")
-
-
 def percentile(xs: list[float], q: float) -> float | None:
     """Nearest-rank ``q``-th percentile (0-100) of ``xs``; None for an empty list."""
     if not xs:

@@ -87,7 +87,13 @@ def render_chart(chart: str, values: dict[str, Any], release: str, namespace: st
     base = yaml.safe_load((CHARTS / chart / "values-prod.yaml").read_text()) or {}
     vals = merge_values(merge_values(base, {"aws": {"roleArn": ROLE_ARN}}), values)
     out = helm.Chart.load(CHARTS / chart).render(vals, name=release, namespace=namespace, is_install=True)
-    return [d for path, text in sorted(out.items()) if not path.endswith("NOTES.txt") for d in yaml.safe_load_all(text) if d]
+    return [
+        d
+        for path, text in sorted(out.items())
+        if not path.endswith("NOTES.txt")
+        for d in yaml.safe_load_all(text)
+        if d
+    ]
 
 
 # -- S3 -------------------------------------------------------------------------------------------
@@ -219,7 +225,9 @@ def _argv(container: dict[str, Any], port: int) -> tuple[list[str], dict[str, st
     return out, standins
 
 
-def _env(container: dict[str, Any], d: Path, s3box: S3Box) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+def _env(
+    container: dict[str, Any], d: Path, s3box: S3Box
+) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """(environment to run with, chart's plain values, stand-ins) for a container of the MLflow chart."""
     sqlite = f"sqlite:///{d / 'mlflow.db'}"
     standin = {
@@ -272,7 +280,8 @@ def mlflow_server(s3: S3Box, tmp_path_factory) -> Iterator[MlflowServer]:
     hooks = [
         doc
         for doc in docs
-        if doc["kind"] == "Job" and "pre-install" in doc["metadata"].get("annotations", {}).get("helm.sh/hook", "")
+        if doc["kind"] == "Job"
+        and "pre-install" in doc["metadata"].get("annotations", {}).get("helm.sh/hook", "")
     ]
     for job in sorted(hooks, key=lambda j: int(j["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))):
         for c in job["spec"]["template"]["spec"]["containers"]:
@@ -288,7 +297,9 @@ def mlflow_server(s3: S3Box, tmp_path_factory) -> Iterator[MlflowServer]:
     auth = any(a.startswith("--app-name") and "basic-auth" in a for a in argv) or "basic-auth" in argv
     log_path = d / "server.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=d, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=d, preexec_fn=_die_with_parent
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     try:
@@ -359,7 +370,9 @@ class RayBox:
 def chart_worker_resources() -> dict[str, float]:
     """Custom resources the serving chart's worker groups advertise (``rayStartParams.resources``),
     summed over each group's replicas in ``values-prod.yaml``."""
-    docs = render_chart("troupe-serving", {"accelerator": "cpu"}, release="troupe-serving", namespace="troupe-prod")
+    docs = render_chart(
+        "troupe-serving", {"accelerator": "cpu"}, release="troupe-serving", namespace="troupe-prod"
+    )
     (rs,) = [d for d in docs if d["kind"] == "RayService"]
     total: dict[str, float] = {}
     for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
@@ -408,28 +421,34 @@ def _ray_start(
     return RayNode(name, proc, temp_dir, scratch, log)
 
 
-def _stop(node: RayNode) -> None:
-    """SIGTERM the node's ``ray start --block`` (it stops its own processes); leftovers by PID."""
+def _stop(nodes: list[RayNode]) -> None:
+    """SIGTERM each node's ``ray start --block`` (it stops its own processes), all at once; then
+    whatever they left behind, by PID."""
     import psutil
 
-    try:
-        kids = psutil.Process(node.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    if node.proc.poll() is None:
-        node.proc.send_signal(signal.SIGTERM)
+    kids: list[psutil.Process] = []
+    for node in nodes:
         try:
-            node.proc.wait(60)
+            kids += psutil.Process(node.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        if node.proc.poll() is None:
+            node.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 15  # a throwaway cluster: no need to wait for every graceful exit
+    for node in nodes:
+        try:
+            node.proc.wait(max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             node.proc.kill()
             node.proc.wait()
-    _, alive = psutil.wait_procs(kids, timeout=15)
+    _, alive = psutil.wait_procs(kids, timeout=max(1.0, deadline - time.time()))
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    for node in nodes:
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -457,7 +476,12 @@ def ray_cluster(s3: S3Box, tmp_path_factory) -> Iterator[RayBox]:
         resources = chart_worker_resources()
         worker = _ray_start(
             "worker",
-            [f"--address=127.0.0.1:{gcs}", "--num-cpus=2", "--num-gpus=0", f"--resources={json.dumps(resources)}"],
+            [
+                f"--address=127.0.0.1:{gcs}",
+                "--num-cpus=2",
+                "--num-gpus=0",
+                f"--resources={json.dumps(resources)}",
+            ],
             root,
             env,
         )
@@ -476,8 +500,7 @@ def ray_cluster(s3: S3Box, tmp_path_factory) -> Iterator[RayBox]:
             time.sleep(1)
         yield box
     finally:
-        for n in reversed(nodes):
-            _stop(n)
+        _stop(nodes)
 
 
 # -- Kubernetes API stand-in for one RayService ---------------------------------------------------
@@ -555,7 +578,9 @@ def serve_status(dashboard_url: str) -> dict[str, dict[str, Any]]:
     return r.json().get("applications") or {}
 
 
-def wait_app_running(dashboard_url: str, app: str, timeout_s: float = 300, since_args: dict | None = None) -> dict:
+def wait_app_running(
+    dashboard_url: str, app: str, timeout_s: float = 300, since_args: dict | None = None
+) -> dict:
     """Poll Serve's REST API until ``app`` is RUNNING (with ``since_args`` deployed, when given).
 
     Raises:

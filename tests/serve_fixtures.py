@@ -7,6 +7,8 @@ import os
 import socket
 from pathlib import Path
 
+from serving import contract
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CHARACTERS = [
@@ -77,18 +79,18 @@ def make_app(
     extra.setdefault("gateway", {}).setdefault("require_api_key", False)
     args = {
         "env": env,
-        "stable_model_uri": str(model),
+        contract.STABLE_MODEL_URI: str(model),
         "characters": str(chars),
-        "canary_weight": weight,
+        contract.CANARY_WEIGHT: weight,
         "model": {"num_cpus": 0.25, "max_new_tokens": 8, "temperature": 0},
         **extra,
     }
     if canary is not None:
-        args["canary_model_uri"] = str(canary)
+        args[contract.CANARY_MODEL_URI] = str(canary)
     return {
-        "name": f"troupe-{env}",
+        "name": contract.app_name(env),
         "route_prefix": prefix,
-        "import_path": "serving.app:build_app",
+        "import_path": contract.IMPORT_PATH,
         "args": args,
-        "deployments": [{"name": "Router", "user_config": {"canary_weight": float(weight)}}],
+        "deployments": [{"name": contract.ROUTER, "user_config": contract.router_user_config(weight)}],
     }

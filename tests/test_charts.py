@@ -155,20 +155,90 @@ def test_accelerator_selects_resources(case: tuple[str, str, str | None], render
         serve = yaml.safe_load(obj["spec"]["serveConfigV2"])
         (app,) = serve["applications"]
         assert app["import_path"] == "serving.app:build_app"
-        assert set(app["args"]) == {
-            "env", "mlflow_tracking_uri", "model_name", "stable_alias", "canary_alias", "canary_weight", "route_prefix",
-        }  # fmt: skip
-        assert app["args"]["stable_alias"] == "champion" and app["args"]["canary_alias"] == "challenger"
+        model = app["args"]["model"]
+        # model replicas request their device and serve with vLLM in bf16 on GPU/NPU
+        assert model["resources"]["accelerator_slot"] == 1
+        if acc == "nvidia":
+            assert (
+                app["args"]["backend"] == "vllm" and model["dtype"] == "bfloat16" and model["num_gpus"] == 1
+            )
+        elif acc == "ascend":
+            assert app["args"]["backend"] == "vllm" and model["dtype"] == "bfloat16"
+            assert model["resources"]["NPU"] == 1 and model["num_gpus"] == 0
+        else:
+            assert app["args"]["backend"] == "transformers" and model["num_gpus"] == 0
         assert obj["spec"]["upgradeStrategy"]["type"] == "NewCluster"
 
 
 def test_env_files_differ_where_they_should(rendered) -> None:
-    def serve_args(env: str) -> dict[str, Any]:
+    def serve_app(env: str) -> dict[str, Any]:
         (rs,) = [d for d in rendered[f"troupe-serving-{env}-nvidia"] if d["kind"] == "RayService"]
-        return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+        return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
 
-    assert serve_args("test")["env"] == "test" and serve_args("test")["canary_weight"] == 0.0
-    assert serve_args("prod")["env"] == "production" and 0 < serve_args("prod")["canary_weight"] < 1
+    def weight(env: str) -> float:
+        (router,) = serve_app(env)["deployments"]
+        return router["user_config"]["canary_weight_percent"]
+
+    test, prod = serve_app("test"), serve_app("prod")
+    assert test["args"]["env"] == "test" and test["args"]["stable_alias"] == "challenger"
+    assert test["args"]["canary_alias"] == "" and weight("test") == 0
+    assert prod["args"]["env"] == "production" and prod["args"]["stable_alias"] == "champion"
+    assert prod["args"]["canary_alias"] == "challenger"
+    assert weight("prod") == 5  # a percent: 5 % of conversations start on the challenger
+    assert (
+        prod["args"]["gateway"]["require_api_key"] is True
+        and test["args"]["gateway"]["require_api_key"] is False
+    )
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "troupe-serving"], ids=case_id)
+def test_serving_chart_matches_the_app(case: tuple[str, str, str | None], rendered, tmp_path: Path) -> None:
+    """The RayService's serveConfigV2 is an application serving.app builds: names, arg keys and the
+    canary weight's unit come from serving.contract; Ray Serve refuses an override for a deployment
+    the built app lacks, so every overridden deployment must be one every build has.
+
+    The app is built offline (Ray Serve's own ``build_app``) with the transformers backend (vLLM
+    needs the gpu extra) and local stand-in model dirs for the registered versions.
+    """
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    from serving import contract
+    from serving.app import build_app, check_args
+    from tests.serve_fixtures import characters_file
+
+    _, env, _ = case
+    (rs,) = [d for d in rendered[case_id(case)] if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    env_name = {"test": "test", "prod": "production"}[env]
+    assert app["name"] == contract.app_name(env_name) and app["import_path"] == contract.IMPORT_PATH
+    check_args(app["args"])  # ValueError naming any key the app does not know
+    for dep in app["deployments"]:
+        assert dep["name"] in contract.ALWAYS_DEPLOYED, f"serveConfigV2 overrides {dep['name']!r}"
+        contract.check_user_config(dep["user_config"])  # canary_weight_percent, 0-100
+    models = []
+    for name in ("v1", "v2"):
+        (tmp_path / name).mkdir()
+        characters_file(tmp_path / name)
+        models.append(str(tmp_path / name))
+    args = {**app["args"], "backend": "transformers"}
+    args.update({contract.STABLE_MODEL_URI: models[0], contract.CANARY_MODEL_URI: models[1]})
+    built = build_serve_app(build_app(args), name=app["name"])
+    assert {d["name"] for d in app["deployments"]} <= {d.name for d in built.deployments}
+    assert built.ingress_deployment_name == contract.ROUTER
+    by_name = {d.name: d for d in built.deployments}
+    assert by_name[contract.STABLE].ray_actor_options["resources"]["accelerator_slot"] == 1
+    # API key hashes: the Secret is mounted read-only where the app reads them
+    gateway_pod = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in gateway_pod["containers"][0].get("volumeMounts", [])}
+    if app["args"]["gateway"]["require_api_key"]:
+        assert app["args"]["gateway"]["api_keys_file"] == contract.API_KEYS_FILE
+        assert mounts[contract.API_KEYS_DIR]["readOnly"] is True
+        (vol,) = [v for v in gateway_pod["volumes"] if v["name"] == mounts[contract.API_KEYS_DIR]["name"]]
+        assert vol["secret"]["secretName"]
+    values = yaml.safe_load((CHARTS / "troupe-serving" / "values.yaml").read_text())
+    assert values["apiKeys"]["mountPath"] == contract.API_KEYS_DIR
+    assert values["apiKeys"]["secretKey"] == contract.API_KEYS_SECRET_KEY
+    assert values["app"]["importPath"] == contract.IMPORT_PATH
 
 
 def test_no_credentials_in_values() -> None:
@@ -191,8 +261,10 @@ def test_no_credentials_in_values() -> None:
         ("troupe-training", {"aws": {"roleArn": ""}}, "aws.roleArn"),
         ("troupe-training", {"checkpoints": {"s3Uri": ""}}, "checkpoints.s3Uri"),
         ("troupe-serving", {"accelerator": "tpu"}, "set accelerator"),
-        ("troupe-mlflow", {"backendStore": {"existingSecret": ""}}, "backendStore.existingSecret"),
-        ("troupe-mlflow", {"aws": {"roleArn": ""}}, "aws.roleArn"),
+        ("troupe-serving", {"apiKeys": {"existingSecret": ""}}, "apiKeys.existingSecret"),
+        ("troupe-serving", {"app": {"canaryWeightPercent": 150}}, "app.canaryWeightPercent"),
+        ("troupe-serving", {"app": {"canaryWeight": 0.05}}, "canaryWeight"),  # the unit-less key is gone
+        # troupe-mlflow's bad values: tests/test_mlflow_chart.py::test_bad_values_fail_naming_the_setting
     ],
 )
 def test_bad_values_fail_naming_the_setting(chart: str, values: dict[str, Any], setting: str) -> None:

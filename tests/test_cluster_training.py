@@ -113,36 +113,39 @@ class Chaos(threading.Thread):
     attempt restores from; a checkpoint uploaded but not yet registered (the controller collects
     reports on its ~2 s poll) is lost with the attempt, in production as here."""
 
-    def __init__(self, kube: KubeRayStandIn, rayjob: str, ckpt_prefix: str):
+    def __init__(self, kube: KubeRayStandIn, rayjob: str, s3box, ckpt_prefix: str):
         super().__init__(daemon=True)
-        self.kube, self.rayjob, self.prefix = kube, rayjob, ckpt_prefix
+        self.kube, self.rayjob, self.s3 = kube, rayjob, s3box
+        self.key = ckpt_prefix.split("/", 3)[3]  # s3://bucket/<key>
         self.listings: list[list[str]] = []
         self.stopped: str | None = None
+        self.errors: list[str] = []
         self.done = threading.Event()
 
     def run(self) -> None:
-        from troupe import storage
-
+        # boto3 on its own client: this thread only observes storage, as an outside tool would
+        client = self.s3.client()
         while not self.done.is_set():
             try:
-                names = sorted(
-                    {f.split("/")[0] for f in storage.list_files(self.prefix) if f.startswith("checkpoint-")}
-                )
-            except Exception:  # noqa: BLE001 - prefix not there yet
-                names = []
+                keys = [o["Key"][len(self.key) + 1 :] for o in
+                        client.list_objects_v2(Bucket=self.s3.bucket, Prefix=self.key + "/").get("Contents", [])]  # fmt: skip
+                names = sorted({k.split("/")[0] for k in keys if k.startswith("checkpoint-")})
+                registered = False
+                if "checkpoint_manager_snapshot.json" in keys:
+                    body = client.get_object(
+                        Bucket=self.s3.bucket, Key=f"{self.key}/checkpoint_manager_snapshot.json"
+                    )
+                    registered = "checkpoint-0" in body["Body"].read().decode()
+            except Exception as e:  # noqa: BLE001 - keep observing
+                self.errors.append(repr(e)[:200])
+                names, registered = [], False
             if names:
                 self.listings.append(names)
             attempts = self.kube.attempts.get(self.rayjob) or []
-            try:
-                registered = "checkpoint-" in storage.read_text(
-                    f"{self.prefix}/checkpoint_manager_snapshot.json"
-                )
-            except Exception:  # noqa: BLE001 - no snapshot yet
-                registered = False
             if self.stopped is None and attempts and registered:
                 self.stopped = attempts[0]
                 self.kube.jobs.stop_job(attempts[0])
-            time.sleep(0.5)
+            time.sleep(0.3)
 
 
 @pytest.mark.timeout(900)
@@ -183,12 +186,14 @@ def test_kfp_step_runs_sft_as_rayjob_survives_a_lost_attempt_and_resumes(
         steps.train_sft(
             params_yaml=params_yaml, splits=splits, base_model=base, kubernetes=True,
             storage_root=f"{box['root']}/kfp", run_id=run_id, rayjob_namespace="troupe-test",
-            rayjob_env="test", rayjob_values=chart_sets(box, release),
+            rayjob_env="test",
+            # the step itself puts checkpoints under its storage root
+            rayjob_values=[v for v in chart_sets(box, release) if not v.startswith("checkpoints.s3Uri")],
         )  # fmt: skip
 
     rayjob = f"{release}-sft"
     ckpts = f"{box['root']}/kfp/{release}/checkpoints/sft-{run_id}"
-    chaos = Chaos(box["kube"], rayjob, ckpts)
+    chaos = Chaos(box["kube"], rayjob, box["s3"], ckpts)
     chaos.start()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(box["tmp"] / "kfp-root"))
     try:
@@ -201,7 +206,11 @@ def test_kfp_step_runs_sft_as_rayjob_survives_a_lost_attempt_and_resumes(
         chaos.done.set()
     kube = box["kube"]
     # KubeRay ran two attempts of the same RayJob: the first stopped, the retry succeeded
-    assert kube.attempts[rayjob] == [f"{rayjob}-0", f"{rayjob}-1"], kube.events
+    assert kube.attempts[rayjob] == [f"{rayjob}-0", f"{rayjob}-1"], (
+        kube.events,
+        chaos.errors[-3:],
+        chaos.listings[-3:],
+    )
     assert chaos.stopped == f"{rayjob}-0"
     assert kube.jobs.get_job_status(f"{rayjob}-0").value == "STOPPED"
     assert kube.jobs.get_job_status(f"{rayjob}-1").value == "SUCCEEDED"

@@ -8,7 +8,10 @@ import shutil
 import mlflow
 import pytest
 
+from serving import contract
+from tests.serve_fixtures import CHARACTERS, characters_file
 from troupe.config import ConfigError
+from troupe.registry import characters_file as version_characters
 from troupe.registry import gate, promote, register, resolve_model_dir
 
 GOOD = {
@@ -28,8 +31,15 @@ def _params(tmp_path, tiny_model_dir, metrics, name):
     dpo = tmp_path / "dpo"
     if not dpo.exists():
         shutil.copytree(tiny_model_dir, dpo)
+    (tmp_path / "splits").mkdir(exist_ok=True)
+    characters_file(tmp_path / "splits")
     return {
-        "paths": {"eval": str(tmp_path / "eval"), "dpo_model": str(dpo), "registry": str(tmp_path / "reg")},
+        "paths": {
+            "eval": str(tmp_path / "eval"),
+            "dpo_model": str(dpo),
+            "registry": str(tmp_path / "reg"),
+            "splits": str(tmp_path / "splits"),
+        },
         "registry": {
             "model_name": name,
             "experiment": "troupe-test",
@@ -71,6 +81,13 @@ def test_register_gate_promote_resolve(mlflow_server, tmp_path, tiny_model_dir, 
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["troupe.role"] == "pipeline"
     assert "PASSED" in (tmp_path / "reg" / "gate.md").read_text()
+    # the characters travel with the version: only that file is downloaded, the run's copy may go
+    (tmp_path / "splits" / "characters.jsonl").unlink()
+    chars = version_characters(f"models:/{name}/{d1['version']}", mlflow_server, cache_dir=tmp_path / "c")
+    assert [json.loads(x)["id"] for x in chars.read_text().splitlines()] == [c["id"] for c in CHARACTERS]
+    assert not (tmp_path / "c" / name / d1["version"] / "weights").exists()
+    assert mv.tags[contract.CHARACTERS_URI_TAG].endswith("/characters.jsonl")
+    characters_file(tmp_path / "splits")
 
     assert promote(name) == d1["version"]
     assert client.get_model_version_by_alias(name, "champion").version == d1["version"]
@@ -90,6 +107,13 @@ def test_register_gate_promote_resolve(mlflow_server, tmp_path, tiny_model_dir, 
     assert marker.is_file()
     with pytest.raises(ConfigError, match="nope"):
         resolve_model_dir(f"models:/{name}@nope", mlflow_server, cache_dir=tmp_path / "cache")
+
+
+def test_register_without_characters_names_the_setting(tmp_path, tiny_model_dir):
+    params = _params(tmp_path, tiny_model_dir, GOOD, "troupe-nochars")
+    (tmp_path / "splits" / "characters.jsonl").unlink()
+    with pytest.raises(ConfigError, match="paths.splits/characters.jsonl"):
+        register(params)
 
 
 def test_register_without_metrics_names_the_file(tmp_path):

@@ -50,21 +50,43 @@ def test_rayservice_patch_only_touches_router_user_config():
                 "args": {"env": "production"},
                 "deployments": [
                     {"name": "stable", "num_replicas": 2},
-                    {"name": "Router", "user_config": {"canary_weight": 5}},
+                    {"name": "Router", "user_config": {"canary_weight_percent": 5}},
                 ],
             },
             {"name": "troupe-test", "import_path": "serving.app:build_app", "args": {"env": "test"}},
         ]
     }
-    patch = rayservice_patch(yaml.safe_dump(cfg), "troupe-production", {"canary_weight": 25.0})
+    patch = rayservice_patch(yaml.safe_dump(cfg), "troupe-production", {"canary_weight_percent": 25.0})
     new = yaml.safe_load(patch["spec"]["serveConfigV2"])
     assert set(patch) == {"spec"} and set(patch["spec"]) == {"serveConfigV2"}
     prod = new["applications"][0]
-    assert prod["deployments"][1] == {"name": "Router", "user_config": {"canary_weight": 25.0}}
+    assert prod["deployments"][1] == {"name": "Router", "user_config": {"canary_weight_percent": 25.0}}
     assert prod["deployments"][0] == {"name": "stable", "num_replicas": 2}
     assert new["applications"][1] == cfg["applications"][1] and prod["args"] == {"env": "production"}
     with pytest.raises(KeyError):
-        rayservice_patch(yaml.safe_dump(cfg), "nope", {"canary_weight": 1})
+        rayservice_patch(yaml.safe_dump(cfg), "nope", {"canary_weight_percent": 1})
+    with pytest.raises(ValueError, match="canary_weight_percent"):  # a unit-less key is refused
+        rayservice_patch(yaml.safe_dump(cfg), "troupe-production", {"canary_weight": 0.05})
+    with pytest.raises(ValueError, match="0-100"):
+        rayservice_patch(yaml.safe_dump(cfg), "troupe-production", {"canary_weight_percent": 500})
+
+
+def test_rayservice_patch_pins_a_model_version_in_args():
+    cfg = {
+        "applications": [
+            {
+                "name": "troupe-test",
+                "args": {"env": "test", "stable_alias": "challenger", "canary_model_uri": "models:/m/1"},
+                "deployments": [{"name": "Router", "user_config": {"canary_weight_percent": 0.0}}],
+            }
+        ]
+    }
+    patch = rayservice_patch(
+        yaml.safe_dump(cfg), "troupe-test", args={"stable_model_uri": "models:/m/7", "canary_model_uri": None}
+    )
+    (app,) = yaml.safe_load(patch["spec"]["serveConfigV2"])["applications"]
+    assert app["args"] == {"env": "test", "stable_alias": "challenger", "stable_model_uri": "models:/m/7"}
+    assert app["deployments"] == cfg["applications"][0]["deployments"]  # Router untouched
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +168,9 @@ def test_faulty_canary_is_rolled_back_with_reason(world):
     assert d.action == "rollback"
     assert "markup_invalid_rate" in d.reason and "assistant_phrase_rate" in d.reason
     stats = httpx.get(f"{base}/v1/rollout/stats").json()
-    assert stats["rolled_back"] and stats["canary_weight"] == 0.0 and stats["pinned_conversations"] == 0
+    assert (
+        stats["rolled_back"] and stats["canary_weight_percent"] == 0.0 and stats["pinned_conversations"] == 0
+    )
     _traffic(base, 5)
     assert (
         httpx.get(f"{base}/v1/rollout/stats", params={"since": stats["now"]}).json()["variants"]["canary"][

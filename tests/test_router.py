@@ -7,6 +7,7 @@ import threading
 import httpx
 import pytest
 
+from serving import contract
 from serving.gateway import StickyRouter, bucket, choose_variant
 from tests.serve_fixtures import characters_file, free_port, make_app, start_cluster, stop_cluster, tiny_model
 
@@ -87,7 +88,7 @@ def test_http_split_and_weight_changes_without_failures(tmp_path):
         t.start()
         try:
             for w in (50.0, 80.0):
-                set_router_config("troupe-production", {"canary_weight": w})
+                set_router_config("troupe-production", contract.router_user_config(w))
         finally:
             stop.set()
             t.join()
@@ -95,6 +96,6 @@ def test_http_split_and_weight_changes_without_failures(tmp_path):
         after = {c: ask(c) for c in convs[:100]}
         assert all(after[c] == "canary" for c in convs[:100] if got[c] == "canary")  # sticky
         stats = client.get(f"http://127.0.0.1:{port}/production/v1/rollout/stats").json()
-        assert stats["canary_weight"] == 80.0 and stats["variants"]["canary"]["errors"] == 0
+        assert stats[contract.CANARY_WEIGHT] == 80.0 and stats["variants"]["canary"]["errors"] == 0
     finally:
         stop_cluster()

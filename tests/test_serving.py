@@ -139,3 +139,69 @@ def test_deploy_command_writes_smoke(served, tmp_path):
     smoke = json.loads((tmp_path / "deploy" / "smoke.json").read_text())
     assert smoke["env"] == "test" and smoke["variant"] == "stable" and isinstance(smoke["reply"], str)
     assert smoke["app_config"]["route_prefix"] == "/test"
+
+
+def test_unknown_args_and_unit_less_weights_are_refused():
+    """The app names the key it does not know (a chart drifting from the app fails at build time)."""
+    from serving import contract
+    from serving.app import check_args, load_serving_config
+
+    with pytest.raises(ValueError, match="canary_weight"):
+        check_args({"canary_weight": 0.05})
+    with pytest.raises(ValueError, match="numReplicas"):
+        check_args({"model": {"numReplicas": 4}})
+    with pytest.raises(ValueError, match="0-100"):
+        check_args({contract.CANARY_WEIGHT: 250})
+    with pytest.raises(ValueError, match="canary_weight_percent"):
+        contract.check_user_config({"canary_weight": 5})
+    assert contract.router_user_config(25) == {contract.CANARY_WEIGHT: 25.0}
+    for env in contract.ENVS:  # the shipped serving configs use only known keys
+        cfg = load_serving_config({"env": env})
+        assert cfg["characters"] == "" and cfg[contract.CANARY_WEIGHT] == 0
+
+
+def test_vllm_replicas_request_their_device_in_bf16():
+    from serving.backend import vllm_engine_config
+
+    gpu = vllm_engine_config(
+        "s3://bucket/run/dpo",
+        {"served_model_name": "troupe", "max_model_len": 4096},
+        {
+            "dtype": "bfloat16",
+            "num_cpus": 2,
+            "num_gpus": 1,
+            "num_replicas": 3,
+            "resources": {"accelerator_slot": 1},
+        },
+    )
+    assert gpu["engine_kwargs"]["dtype"] == "bfloat16"
+    assert gpu["placement_group_config"]["bundle_per_worker"] == {
+        "CPU": 2.0,
+        "GPU": 1.0,
+        "accelerator_slot": 1.0,
+    }
+    assert gpu["model_loading_config"]["model_source"] == {"bucket_uri": "s3://bucket/run/dpo"}
+    assert gpu["deployment_config"]["autoscaling_config"] == {"min_replicas": 3, "max_replicas": 3}
+    npu = vllm_engine_config("/models/x", {}, {"dtype": "bfloat16", "resources": {"NPU": 1}})
+    assert npu["placement_group_config"]["bundle_per_worker"] == {"CPU": 1.0, "NPU": 1.0}
+    assert npu["model_loading_config"]["model_source"] == "/models/x"
+
+
+def test_characters_travel_with_the_model(tmp_path):
+    """Without a configured characters file, the Router serves the characters stored with the stable
+    model plus those only the canary carries (stable's card wins for a shared id)."""
+    from serving.app import serving_characters
+
+    stable, canary = tmp_path / "v1", tmp_path / "v2"
+    stable.mkdir()
+    canary.mkdir()
+    characters_file(stable)
+    extra = {"id": "alice", "name": "Alice", "language": "en", "profile": {}, "style": "", "examples": []}
+    (canary / "characters.jsonl").write_text(json.dumps(extra) + "\n")
+    chars = serving_characters({"characters": ""}, str(stable), str(canary))
+    assert set(chars) == {"bob", "daiyu", "alice"}
+    assert set(serving_characters({"characters": str(canary / "characters.jsonl")}, str(stable), None)) == {
+        "alice"
+    }
+    with pytest.raises(FileNotFoundError, match="characters"):
+        serving_characters({"characters": ""}, str(tmp_path), None)

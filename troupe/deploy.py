@@ -1,9 +1,17 @@
-"""``troupe deploy`` and ``troupe chat``: run the Serve app per environment on a local Ray cluster.
+"""``troupe deploy`` and ``troupe chat``: update the Serve app of an environment.
 
-Applications are deployed declaratively (a ``ServeDeploySchema``, the same shape as a RayService's
-``serveConfigV2``): one application per environment named ``troupe-<env>`` at ``/<env>``, import path
-``serving.app:build_app``. Declarative deploys keep model replicas running when only the Router's
-``user_config`` (the canary weight) changes, which is what :mod:`troupe.rollout` relies on.
+Two targets, one application shape (names in :mod:`serving.contract`):
+
+* locally (``dvc repro``, a workstation): the app is deployed declaratively on the local Ray cluster
+  (a ``ServeDeploySchema``, the same shape as a RayService's ``serveConfigV2``): one application per
+  environment named ``troupe-<env>`` at ``/<env>``, import path ``serving.app:build_app``;
+* on Kubernetes (``--rayservice NAME``, the KFP ``deploy`` step): the RayService the serving chart
+  installed is patched (:class:`troupe.rollout.KubeTarget`): its application's ``stable_model_uri``
+  is set to the registered version pinned by number (``models:/<name>/<n>``); KubeRay applies the
+  new ``serveConfigV2`` through Serve's REST API. Nothing starts a Ray cluster in the caller's pod.
+
+Declarative deploys keep model replicas running when only the Router's ``user_config`` (the canary
+weight) changes, which is what :mod:`troupe.rollout` relies on.
 """
 
 from __future__ import annotations
@@ -17,16 +25,14 @@ from typing import Any
 
 import click
 
+from serving import contract
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, section
 
-IMPORT_PATH = "serving.app:build_app"
+IMPORT_PATH = contract.IMPORT_PATH
+#: MLflow alias each environment serves as stable.
 ALIASES = {"test": "challenger", "production": "champion"}
-
-
-def app_name(env: str) -> str:
-    """Serve application name of an environment (``troupe-test``, ``troupe-production``)."""
-    return f"troupe-{env}"
+app_name = contract.app_name
 
 
 def serving_config_path(env: str) -> Path:
@@ -40,7 +46,10 @@ def serving_config_path(env: str) -> Path:
 
 
 def characters_path(params: dict[str, Any]) -> str | None:
-    """First existing characters.jsonl: paths.splits, paths.validated, then data/sample (absolute)."""
+    """First existing characters.jsonl: paths.splits, paths.validated, then data/sample (absolute).
+
+    Only for a model given as a local directory (registered versions carry their own characters).
+    """
     paths = params.get("paths", {})
     cands = [Path(paths[k]) / "characters.jsonl" for k in ("splits", "validated") if k in paths]
     cands.append(Path("data/sample/characters.jsonl"))
@@ -56,7 +65,7 @@ def app_config(
     *,
     model_uri: str | None = None,
     canary_uri: str | None = None,
-    canary_weight: float = 0.0,
+    canary_weight_percent: float = 0.0,
     extra_args: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One ``ServeDeploySchema`` application entry for ``env``.
@@ -67,7 +76,7 @@ def app_config(
         model_uri: stable model override (local dir or ``models:/name@alias``); default
             ``models:/<model_name>@challenger`` for test, ``@champion`` for production.
         canary_uri: canary model (production rollout), None for no canary.
-        canary_weight: initial canary share in percent (the Router's ``user_config``).
+        canary_weight_percent: initial canary share in percent (the Router's ``user_config``).
         extra_args: more ``build_app`` args (serving-config overrides).
 
     Returns:
@@ -87,26 +96,30 @@ def app_config(
         "mlflow_tracking_uri": tracking,
         "stable_alias": ALIASES.get(env, "champion"),
         "canary_alias": "",
-        "canary_weight": float(canary_weight),
+        contract.CANARY_WEIGHT: contract.check_weight(canary_weight_percent),
         "route_prefix": cfg.get("route_prefix", f"/{env}"),
     }
+    local_model = False
     if model_uri:
-        args["stable_model_uri"] = str(Path(model_uri).resolve()) if Path(model_uri).is_dir() else model_uri
+        local_model = Path(model_uri).is_dir()
+        args[contract.STABLE_MODEL_URI] = str(Path(model_uri).resolve()) if local_model else model_uri
     if canary_uri:
-        args["canary_model_uri"] = (
+        args[contract.CANARY_MODEL_URI] = (
             str(Path(canary_uri).resolve()) if Path(canary_uri).is_dir() else canary_uri
         )
-    chars = characters_path(params)
-    if chars:
+    chars = characters_path(params) if local_model else None
+    if chars:  # a local model dir has no registered characters: serve those of this run
         args["characters"] = chars
     args.update(extra_args or {})
-    env_vars = {k: os.environ[k] for k in ("TROUPE_API_KEYS_SHA256", "HF_HUB_OFFLINE") if k in os.environ}
+    env_vars = {k: os.environ[k] for k in (contract.API_KEYS_ENV, "HF_HUB_OFFLINE") if k in os.environ}
     out: dict[str, Any] = {
         "name": app_name(env),
         "route_prefix": args["route_prefix"],
         "import_path": IMPORT_PATH,
         "args": args,
-        "deployments": [{"name": "Router", "user_config": {"canary_weight": float(canary_weight)}}],
+        "deployments": [
+            {"name": contract.ROUTER, "user_config": contract.router_user_config(canary_weight_percent)}
+        ],
     }
     if env_vars:
         out["runtime_env"] = {"env_vars": env_vars}
@@ -208,8 +221,9 @@ def set_router_config(name: str, user_config: dict[str, Any], wait: bool = True)
     if name not in current:
         raise click.ClickException(f"application {name!r} is not deployed (troupe deploy first)")
     app = current[name]
-    deps = [d for d in app.get("deployments", []) if d.get("name") != "Router"]
-    deps.append({"name": "Router", "user_config": dict(user_config)})
+    contract.check_user_config(user_config)
+    deps = [d for d in app.get("deployments", []) if d.get("name") != contract.ROUTER]
+    deps.append({"name": contract.ROUTER, "user_config": dict(user_config)})
     app["deployments"] = deps
     _get_global_client().deploy_apps(
         ServeDeploySchema.model_validate({"applications": list(current.values())})
@@ -283,19 +297,135 @@ def check_model_uri(uri: str, tracking_uri: str | None, params: dict[str, Any]) 
         ) from e
 
 
+def pinned_version_uri(uri: str, tracking_uri: str | None) -> str:
+    """``models:/<name>/<n>`` for a ``models:/`` URI (an alias resolved to its version number now).
+
+    Raises:
+        ConfigError: ``uri`` is a local directory (it exists only on this machine or pod) or names
+            no version.
+    """
+    if not uri.startswith("models:/"):
+        raise ConfigError(
+            f"{uri}: a RayService serves registered versions only (models:/<name>/<version>); a local "
+            "directory exists only where it was written"
+        )
+    from troupe.registry import model_version
+
+    mv = model_version(uri, tracking_uri)
+    return contract.model_version_uri(mv.name, mv.version)
+
+
+def deploy_kubernetes(
+    env: str,
+    params: dict[str, Any],
+    rayservice: str,
+    namespace: str,
+    model_uri: str | None = None,
+    serve_url: str | None = None,
+    timeout_s: float = 900,
+    api: Any = None,
+) -> dict[str, Any]:
+    """Point the RayService's application at a registered version pinned by number and smoke it.
+
+    Patches ``spec.serveConfigV2`` of RayService ``namespace/rayservice`` (the serving chart's
+    release) so that application :func:`serving.contract.app_name` ``(env)`` serves
+    ``stable_model_uri: models:/<name>/<n>`` (the version the env's alias names now, or
+    ``model_uri``); the Router's canary settings are left as they are. Then waits until KubeRay
+    reports the application RUNNING for the new generation and sends one chat request.
+
+    Args:
+        api: a ``kubernetes.client.CustomObjectsApi`` or a stand-in with its
+            ``get_namespaced_custom_object`` / ``patch_namespaced_custom_object`` (tests: no API
+            server runs here, see :class:`troupe.rollout.KubeTarget`); default in-cluster/kubeconfig.
+        serve_url: base URL of the serve Service (default
+            ``http://<rayservice>-serve-svc.<namespace>.svc.cluster.local:8000``).
+
+    Returns:
+        The smoke record (``troupe.deploy.smoke_request`` + env, app, rayservice, model_uri).
+    """
+    from troupe.rollout import KubeTarget
+    from troupe.tracking import tracking_uri as default_tracking
+
+    reg = params.get("registry", {})
+    name = reg.get("model_name", "troupe-roleplay")
+    tracking = reg.get("tracking_uri") or default_tracking()
+    uri = model_uri or f"models:/{name}@{ALIASES.get(env, 'champion')}"
+    if uri.startswith("models:/"):
+        check_model_uri(uri, tracking, params)  # names the gate decision when the alias is unset
+    pinned = pinned_version_uri(uri, tracking)
+    svc = (serve_url or f"http://{rayservice}-serve-svc.{namespace}.svc.cluster.local:8000").rstrip("/")
+    key = os.environ.get("TROUPE_API_KEY")
+    target = KubeTarget(rayservice, namespace, contract.app_name(env), svc, key, api=api)
+    prefix = str(target.serve_app().get("route_prefix") or "/").rstrip("/")
+    click.echo(f"[deploy] RayService {namespace}/{rayservice} app {target.app}: stable -> {pinned}")
+    generation = target.patch(args={contract.STABLE_MODEL_URI: pinned})
+    target.wait_running(generation, timeout_s)
+    base = f"{svc}{prefix}/v1"
+    smoke = smoke_request(base, first_character(base, key), key)
+    smoke.update(env=env, app=target.app, rayservice=f"{namespace}/{rayservice}", model_uri=pinned)
+    return smoke
+
+
 @click.command("deploy")
-@click.option("--env", type=click.Choice(["test", "production"]), default=None, help="default: serve.env")
-@click.option("--model-uri", default=None, help="local checkpoint dir or models:/name@alias (default: alias)")
-@click.option("--address", default="auto", show_default=True, help="Ray cluster address")
+@click.option("--env", type=click.Choice(list(contract.ENVS)), default=None, help="default: serve.env")
+@click.option(
+    "--model-uri",
+    default=None,
+    help="local checkpoint dir (local Ray only) or models:/name/<version> | models:/name@alias (default: env alias)",
+)
+@click.option("--address", default="auto", show_default=True, help="local Ray cluster address")
+@click.option(
+    "--rayservice",
+    default=None,
+    help="update this RayService (the serving chart's release) on Kubernetes instead of the local Ray cluster",
+)
+@click.option(
+    "--namespace", default=None, help="namespace of --rayservice (default: this pod's, else troupe-<env>)"
+)
+@click.option(
+    "--serve-url", default=None, help="serve Service URL (default: the RayService's in-cluster Service)"
+)
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="seconds to wait for RUNNING")
 @step_options
-def deploy_cmd(params: dict, env: str | None, model_uri: str | None, address: str) -> None:
+def deploy_cmd(
+    params: dict,
+    env: str | None,
+    model_uri: str | None,
+    address: str,
+    rayservice: str | None,
+    namespace: str | None,
+    serve_url: str | None,
+    timeout_s: float,
+) -> None:
     """Deploy/update the Serve app of an environment and write paths.deploy/smoke.json."""
     s = section(params, "serve")
     env = env or s.get("env", "test")
+    out = path_of(params, "deploy")
+    if rayservice:
+        ns = namespace or _pod_namespace() or f"troupe-{'prod' if env == 'production' else env}"
+        smoke = deploy_kubernetes(env, params, rayservice, ns, model_uri, serve_url, timeout_s)
+    else:
+        smoke = deploy_local(env, params, model_uri, address, s)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "smoke.json").write_text(json.dumps(smoke, ensure_ascii=False, indent=2), encoding="utf-8")
+    click.echo(
+        f"[deploy] smoke ok: {smoke['latency_ms']} ms, model {smoke['model_version']} -> {out / 'smoke.json'}"
+    )
+
+
+def _pod_namespace() -> str | None:
+    p = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return p.read_text().strip() if p.is_file() else None
+
+
+def deploy_local(
+    env: str, params: dict[str, Any], model_uri: str | None, address: str, s: dict[str, Any]
+) -> dict[str, Any]:
+    """Deploy on the local Ray cluster (started when none runs) and send one chat request."""
     host, port = s.get("host", "127.0.0.1"), int(s.get("port", 8000))
     app = app_config(env, params, model_uri=model_uri)
     uri = (
-        app["args"].get("stable_model_uri")
+        app["args"].get(contract.STABLE_MODEL_URI)
         or f"models:/{app['args']['model_name']}@{app['args']['stable_alias']}"
     )
     check_model_uri(uri, app["args"].get("mlflow_tracking_uri"), params)
@@ -306,12 +436,7 @@ def deploy_cmd(params: dict, env: str | None, model_uri: str | None, address: st
     key = os.environ.get("TROUPE_API_KEY")
     smoke = smoke_request(base, first_character(base, key), key)
     smoke.update(env=env, app=app["name"], app_config=app)
-    out = path_of(params, "deploy")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "smoke.json").write_text(json.dumps(smoke, ensure_ascii=False, indent=2), encoding="utf-8")
-    click.echo(
-        f"[deploy] smoke ok: {smoke['latency_ms']} ms, model {smoke['model_version']} -> {out / 'smoke.json'}"
-    )
+    return smoke
 
 
 @click.command("chat")

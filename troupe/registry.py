@@ -1,24 +1,36 @@
 """MLflow model registry: register the candidate, gate it, move aliases.
 
-* ``troupe registry register`` logs the candidate model (``paths.dpo_model`` by default) as artifacts
-  of a child run ``register``, creates a registered model version with its evaluation metrics,
-  applies the gate policy (absolute thresholds + no regression vs the ``champion`` alias) and, on a
-  pass, sets alias ``challenger``. Decision and reasons are version tags and ``paths.registry``
-  files (``decision.json``, ``gate.md``).
+* ``troupe registry register`` creates a registered model version of the candidate
+  (``paths.dpo_model`` by default) in a child run ``register``: a model given by URI
+  (``s3://bucket/run/dpo``, written by training) is registered from that URI as it is (no second
+  copy); a local directory (``dvc repro``) is logged as the run's ``model`` artifacts first. The
+  characters the model was trained and evaluated with (``paths.splits/characters.jsonl``) travel
+  with the version: logged as the run's ``characters.jsonl`` artifact and named by the version tags
+  ``troupe.characters_uri`` / ``troupe.characters_sha256`` (:mod:`serving.contract`). The gate
+  policy (absolute thresholds + no regression vs the ``champion`` alias) decides; on a pass alias
+  ``challenger`` is set. Decision and reasons are version tags and ``paths.registry`` files
+  (``decision.json``, ``gate.md``).
 * ``troupe registry promote`` moves ``champion`` (default: to the current ``challenger``).
-* :func:`resolve_model_dir` turns ``models:/name@alias`` (or a local dir) into a local checkpoint dir.
+* :func:`resolve_model_dir` turns ``models:/name@alias`` / ``models:/name/<n>`` (or a local dir) into
+  a local checkpoint dir, downloading from the version's source (``s3://`` or MLflow artifacts);
+  :func:`characters_file` downloads only a version's characters.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import operator
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
+from serving import contract
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, section
 
@@ -107,28 +119,44 @@ def _champion_metrics(client, name: str) -> tuple[str | None, dict[str, Any] | N
     return mv.version, json.loads(raw) if raw else None
 
 
+def _location(params: dict[str, Any], key: str) -> str:
+    """``paths.<key>`` as given: a local path or a URI such as ``s3://bucket/run/dpo``."""
+    paths = section(params, "paths")
+    if not paths.get(key):
+        raise ConfigError(f"params: missing paths.{key}")
+    return str(paths[key])
+
+
 def register(params: dict[str, Any]) -> dict[str, Any]:
-    """Log, register and gate the candidate model; returns the decision dict (also written to disk).
+    """Register and gate the candidate model with its characters; returns the decision dict (also
+    written to ``paths.registry``).
 
     Raises:
-        ConfigError: missing metrics.json / candidate model / policy.
+        ConfigError: missing metrics.json / candidate model / characters / policy (storage errors
+            name the location and the reason before anything is registered).
     """
     import mlflow
 
+    from troupe import storage
     from troupe.tracking import step_run
 
     reg = section(params, "registry")
     policy = load_policy(reg.get("gate_policy", "configs/gate_policy.yaml"))
     cand_name = policy.get("candidate", "dpo")
-    metrics_file = path_of(params, "eval") / "metrics.json"
-    if not metrics_file.is_file():
-        raise ConfigError(f"{metrics_file}: not found (run `troupe evaluate` first)")
-    all_metrics = json.loads(metrics_file.read_text())
+    metrics_loc = storage.join(_location(params, "eval"), "metrics.json")
+    if not storage.exists(metrics_loc):
+        raise ConfigError(f"{metrics_loc}: not found (run `troupe evaluate` first)")
+    all_metrics = json.loads(storage.read_text(metrics_loc))
     if cand_name not in all_metrics:
-        raise ConfigError(f"{metrics_file}: no metrics for candidate {cand_name!r} (gate policy `candidate`)")
-    model_dir = path_of(params, _MODEL_KEY[cand_name])
-    if not model_dir.is_dir():
-        raise ConfigError(f"{model_dir}: candidate model directory not found")
+        raise ConfigError(f"{metrics_loc}: no metrics for candidate {cand_name!r} (gate policy `candidate`)")
+    model_loc = _location(params, _MODEL_KEY[cand_name])
+    storage.check_readable(model_loc, f"paths.{_MODEL_KEY[cand_name]} (candidate model)", kind="dir")
+    if not storage.exists(storage.join(model_loc, "config.json")):
+        raise ConfigError(f"{model_loc}: no config.json (not a model checkpoint directory)")
+    chars_loc = storage.join(_location(params, "splits"), contract.CHARACTERS_FILE)
+    storage.check_readable(chars_loc, "paths.splits/characters.jsonl (characters of the model)", kind="file")
+    chars_text = storage.read_text(chars_loc)
+    chars_sha = hashlib.sha256(chars_text.encode("utf-8")).hexdigest()
     out = path_of(params, "registry")
     out.mkdir(parents=True, exist_ok=True)
     name = reg.get("model_name", "troupe-roleplay")
@@ -136,19 +164,32 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
     champ_version, champ_metrics = _champion_metrics(client, name)
     passed, reasons = gate(all_metrics[cand_name], policy, champ_metrics)
     with step_run(params, "register", ("registry",)) as run:
-        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+        if storage.is_remote(model_loc):
+            source = model_loc.rstrip("/")  # MLflow registers the model from its URI; no copy
+        else:
+            mlflow.log_artifacts(str(model_loc), artifact_path="model")
+            source = f"{run.info.artifact_uri}/model"
+        mlflow.log_text(chars_text, contract.CHARACTERS_FILE)
         mlflow.log_dict(all_metrics, "metrics.json")
         if not _exists(client, name):
             client.create_registered_model(name, description="Troupe role-play character model")
         mv = client.create_model_version(
             name,
-            source=f"{run.info.artifact_uri}/model",
+            source=source,
             run_id=run.info.run_id,
-            tags={"troupe.candidate": cand_name, "troupe.metrics": json.dumps(all_metrics[cand_name])[:5000]},
+            tags={
+                "troupe.candidate": cand_name,
+                "troupe.metrics": json.dumps(all_metrics[cand_name])[:5000],
+                contract.CHARACTERS_URI_TAG: f"{run.info.artifact_uri}/{contract.CHARACTERS_FILE}",
+                contract.CHARACTERS_SHA256_TAG: chars_sha,
+            },
         )
         decision = {
             "model_name": name,
             "version": mv.version,
+            "model_uri": contract.model_version_uri(name, mv.version),
+            "source": source,
+            "characters_sha256": chars_sha,
             "candidate": cand_name,
             "passed": passed,
             "reasons": reasons,
@@ -164,7 +205,7 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
         md = [
             f"# Gate decision: {'PASSED' if passed else 'FAILED'}",
             "",
-            f"Model `{name}` version {mv.version} ({cand_name}); champion: {champ_version or 'none'}.",
+            f"Model `{name}` version {mv.version} ({cand_name}) from `{source}`; champion: {champ_version or 'none'}.",
             "",
         ]
         md += [f"- {r}" for r in reasons]
@@ -206,11 +247,92 @@ def promote(name: str, version: str | None = None, alias: str = CHAMPION) -> str
     return str(version)
 
 
+def model_version(uri: str, tracking_uri: str | None = None):
+    """The MLflow ``ModelVersion`` named by ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
+
+    Raises:
+        ConfigError: not a ``models:/`` URI, or an unknown alias/version (MLflow's message).
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from troupe.tracking import tracking_uri as default_uri
+
+    if not uri.startswith("models:/"):
+        raise ConfigError(f"{uri}: not a models:/<name>/<version> or models:/<name>@<alias> URI")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri or default_uri())
+    ref = uri[len("models:/") :]
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, version = ref.rsplit("/", 1)
+        return client.get_model_version(name, version)
+    except MlflowException as e:
+        raise ConfigError(f"{uri}: {e.message}") from e
+
+
+def model_source(uri: str, tracking_uri: str | None = None) -> str:
+    """Where a model's weights are: the version's source URI for ``models:/``, else ``uri`` itself."""
+    return str(model_version(uri, tracking_uri).source) if uri.startswith("models:/") else uri
+
+
+def _cache_root(cache_dir: str | Path | None) -> Path:
+    """Download root: ``cache_dir``, else ``$TROUPE_SCRATCH/models`` (this node's scratch), else
+    ``~/.cache/troupe/models``."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("TROUPE_SCRATCH"):
+        return Path(os.environ["TROUPE_SCRATCH"]) / "models"
+    return Path.home() / ".cache" / "troupe" / "models"
+
+
+def characters_file(uri: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """The characters stored with a registered version, downloaded alone (not the weights).
+
+    Args:
+        uri: ``models:/<name>/<version>`` or ``models:/<name>@<alias>``.
+        tracking_uri: MLflow tracking URI.
+        cache_dir: download root (default ``~/.cache/troupe/models``); a file whose SHA-256 matches
+            the version's tag is reused.
+
+    Raises:
+        ConfigError: the version carries no characters (registered before characters travelled with
+            versions: register it again) or they cannot be downloaded.
+    """
+    import mlflow
+
+    mv = model_version(uri, tracking_uri)
+    src = mv.tags.get(contract.CHARACTERS_URI_TAG)
+    if not src:
+        raise ConfigError(
+            f"{uri} (version {mv.version}): no {contract.CHARACTERS_URI_TAG} tag; the version carries no "
+            "characters (register it with `troupe registry register`, or set 'characters' in the serving config)"
+        )
+    dst = _cache_root(cache_dir) / mv.name / str(mv.version) / "characters"
+    local = dst / contract.CHARACTERS_FILE
+    sha = mv.tags.get(contract.CHARACTERS_SHA256_TAG)
+    if local.is_file() and sha and hashlib.sha256(local.read_bytes()).hexdigest() == sha:
+        return local
+    dst.mkdir(parents=True, exist_ok=True)
+    from troupe.tracking import tracking_uri as default_uri
+
+    mlflow.set_tracking_uri(tracking_uri or default_uri())
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=str(dst)))
+    except Exception as e:
+        raise ConfigError(f"{uri}: characters {src} cannot be downloaded: {e}") from e
+    if sha and hashlib.sha256(got.read_bytes()).hexdigest() != sha:
+        raise ConfigError(f"{uri}: characters {src} do not match {contract.CHARACTERS_SHA256_TAG}={sha}")
+    return got
+
+
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: str | Path | None = None) -> Path:
     """A local checkpoint directory for ``uri``.
 
     Args:
-        uri: a local directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``.
+        uri: a local directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>``; the
+            version's source (``s3://...`` or MLflow run artifacts) is downloaded once.
         tracking_uri: MLflow tracking URI (default: env / local SQLite, see :mod:`troupe.tracking`).
         cache_dir: where downloaded artifacts go (default ``~/.cache/troupe/models/<name>/<version>``).
 
@@ -218,7 +340,6 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: str 
         ConfigError: unknown alias/version, or a non-existent local path.
     """
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     if not uri.startswith("models:/"):
         p = Path(uri)
@@ -227,31 +348,31 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, cache_dir: str 
         return p
     from troupe.tracking import tracking_uri as default_uri
 
-    mlflow.set_tracking_uri(tracking_uri or default_uri())
-    client = mlflow.MlflowClient()
-    ref = uri[len("models:/") :]
-    try:
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-            mv = client.get_model_version_by_alias(name, alias)
-        else:
-            name, version = ref.rsplit("/", 1)
-            mv = client.get_model_version(name, version)
-    except MlflowException as e:
-        raise ConfigError(f"{uri}: {e.message}") from e
-    dst = Path(cache_dir or Path.home() / ".cache" / "troupe" / "models") / name / str(mv.version)
+    mv = model_version(uri, tracking_uri)
+    dst = _cache_root(cache_dir) / mv.name / str(mv.version) / "weights"
+    marker = dst / ".troupe-source"  # what the cached copy was downloaded from
 
     def checkpoint() -> Path | None:
-        # the artifact directory is named "model", so a download lands in <dst>/model
-        return next((d for d in (dst / "model", dst) if (d / "config.json").is_file()), None)
+        # a download lands in <dst>/<last part of the source> (e.g. <dst>/model or <dst>/dpo)
+        cands = [dst, *sorted(d for d in dst.iterdir() if d.is_dir())]
+        return next((d for d in cands if (d / "config.json").is_file()), None)
 
-    if (cached := checkpoint()) is not None:
-        return cached  # no second download
-    dst.mkdir(parents=True, exist_ok=True)
-    mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst))
-    if (local := checkpoint()) is None:
-        raise ConfigError(f"{uri}: downloaded artifacts hold no config.json under {dst}")
-    return local
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.parent / ".lock", "w") as lock:  # replicas of one version on one node download once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and marker.read_text() == str(mv.source) and (cached := checkpoint()) is not None:
+            return cached  # no second download
+        shutil.rmtree(dst, ignore_errors=True)  # a stale copy (another registry's version of that number)
+        dst.mkdir(parents=True)
+        mlflow.set_tracking_uri(tracking_uri or default_uri())
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=str(mv.source), dst_path=str(dst))
+        except Exception as e:
+            raise ConfigError(f"{uri}: model source {mv.source} cannot be downloaded: {e}") from e
+        if (local := checkpoint()) is None:
+            raise ConfigError(f"{uri}: downloaded artifacts of {mv.source} hold no config.json under {dst}")
+        marker.write_text(str(mv.source))
+        return local
 
 
 @click.group("registry")

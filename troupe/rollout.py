@@ -20,6 +20,7 @@ from typing import Any
 import click
 import yaml
 
+from serving import contract
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, section
 
@@ -143,20 +144,30 @@ def decide(policy: Policy, weight: float, step_started: float, now: float, stats
 
 
 # -- targets --------------------------------------------------------------------------------------
-def rayservice_patch(serve_config_v2: str, app_name: str, user_config: dict[str, Any]) -> dict[str, Any]:
-    """JSON merge patch for a RayService that sets the Router ``user_config`` of one application.
+def rayservice_patch(
+    serve_config_v2: str,
+    app_name: str,
+    user_config: dict[str, Any] | None = None,
+    args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """JSON merge patch for a RayService that changes one application of its ``serveConfigV2``.
 
     Args:
         serve_config_v2: the RayService's current ``spec.serveConfigV2`` (YAML string).
-        app_name: application to change (e.g. ``troupe-production``).
-        user_config: new Router user config (``{"canary_weight": 25.0}``).
+        app_name: application to change (:func:`serving.contract.app_name`, e.g. ``troupe-production``).
+        user_config: new Router user config (``{"canary_weight_percent": 25.0}``), validated by
+            :func:`serving.contract.check_user_config`; None leaves it.
+        args: application args to set (a None value removes the key), e.g. ``{"stable_model_uri":
+            "models:/troupe-roleplay/7"}``; None leaves the args.
 
     Returns:
-        ``{"spec": {"serveConfigV2": <YAML>}}``: only the Router's ``user_config`` differs, so
-        KubeRay applies it in place (no new cluster, model replicas untouched).
+        ``{"spec": {"serveConfigV2": <YAML>}}``. With ``user_config`` alone only the Router's
+        ``user_config`` differs, so KubeRay applies it in place (model replicas untouched); changed
+        ``args`` make Serve rebuild the application (new model replicas where their model changed).
 
     Raises:
         KeyError: the application is not in the config.
+        ValueError: an invalid user config.
     """
     cfg = yaml.safe_load(serve_config_v2) or {}
     apps = cfg.get("applications", [])
@@ -165,12 +176,22 @@ def rayservice_patch(serve_config_v2: str, app_name: str, user_config: dict[str,
         raise KeyError(
             f"application {app_name!r} not in serveConfigV2 (have {[a.get('name') for a in apps]})"
         )
-    deps = app.setdefault("deployments", [])
-    router = next((d for d in deps if d.get("name") == "Router"), None)
-    if router is None:
-        router = {"name": "Router"}
-        deps.append(router)
-    router["user_config"] = dict(user_config)
+    if user_config is not None:
+        contract.check_user_config(user_config)
+        deps = app.setdefault("deployments", [])
+        router = next((d for d in deps if d.get("name") == contract.ROUTER), None)
+        if router is None:
+            router = {"name": contract.ROUTER}
+            deps.append(router)
+        router["user_config"] = dict(user_config)
+    if args is not None:
+        new_args = dict(app.get("args") or {})
+        for k, v in args.items():
+            if v is None:
+                new_args.pop(k, None)
+            else:
+                new_args[k] = v
+        app["args"] = new_args
     return {"spec": {"serveConfigV2": yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)}}
 
 
@@ -178,7 +199,7 @@ class LocalTarget:
     """The Serve application of an environment on the local Ray cluster.
 
     Args:
-        env: environment (application ``troupe-<env>``).
+        env: environment (application :func:`serving.contract.app_name`).
         base_url: ``http://host:port/<prefix>`` of the app (stats are read from it).
         api_key: key for the stats endpoint (``TROUPE_API_KEY``), if the gateway requires one.
     """
@@ -188,9 +209,7 @@ class LocalTarget:
 
     @property
     def app(self) -> str:
-        from troupe.deploy import app_name
-
-        return app_name(self.env)
+        return contract.app_name(self.env)
 
     def stats(self, since: float) -> dict[str, Any]:
         """Router stats since ``since`` (unix seconds)."""
@@ -202,80 +221,140 @@ class LocalTarget:
         return r.json()
 
     def set_weight(self, weight: float) -> None:
-        """Router ``user_config`` -> ``{"canary_weight": weight}`` (in-place reconfigure)."""
+        """Router ``user_config`` -> ``{"canary_weight_percent": weight}`` (in-place reconfigure)."""
         from troupe.deploy import set_router_config
 
-        set_router_config(self.app, {"canary_weight": float(weight)})
+        set_router_config(self.app, contract.router_user_config(weight))
 
     def rollback(self, reason: str) -> None:
         """Weight 0 and all pinned conversations back to stable."""
         from troupe.deploy import set_router_config
 
-        set_router_config(self.app, {"canary_weight": 0.0, "rolled_back": True, "reason": reason[:500]})
+        set_router_config(self.app, contract.router_user_config(0.0, rolled_back=True, reason=reason))
 
     def finish_promotion(self, canary_uri: str | None) -> None:
         """Serve the canary as the new stable, without a canary (a full redeploy of the app)."""
         from troupe.deploy import apply_apps, deployed_apps
 
         app = deployed_apps()[self.app]
-        args = dict(app["args"])
-        if canary_uri:
-            args["stable_model_uri"] = canary_uri
-        args.pop("canary_model_uri", None)
-        args["canary_alias"] = ""
-        args["canary_weight"] = 0.0
-        app["args"] = args
-        app["deployments"] = [{"name": "Router", "user_config": {"canary_weight": 0.0}}]
+        app["args"] = promoted_args(app["args"], canary_uri)
+        app["deployments"] = [{"name": contract.ROUTER, "user_config": contract.router_user_config(0.0)}]
         apply_apps([app])
+
+
+def promoted_args(args: dict[str, Any], canary_uri: str | None) -> dict[str, Any]:
+    """App args after a promotion: the canary's URI as stable, no canary, weight 0."""
+    out = dict(args)
+    if canary_uri:
+        out[contract.STABLE_MODEL_URI] = canary_uri
+    out.pop(contract.CANARY_MODEL_URI, None)
+    out["canary_alias"] = ""
+    out[contract.CANARY_WEIGHT] = 0.0
+    return out
 
 
 class KubeTarget:
     """A RayService on Kubernetes (``kubernetes`` client; in-cluster or kubeconfig credentials).
 
-    Stats are read through ``base_url`` (the RayService's serve Service); weights are set by
-    patching ``spec.serveConfigV2`` with :func:`rayservice_patch`.
+    Stats are read through ``base_url`` (the RayService's serve Service); weights and models are
+    changed by patching ``spec.serveConfigV2`` with :func:`rayservice_patch`, which KubeRay then
+    applies through Serve's REST API. No Kubernetes API server runs in this project's tests: they
+    pass ``api``, a stand-in with the two ``CustomObjectsApi`` methods used here
+    (``get_namespaced_custom_object``, ``patch_namespaced_custom_object``) that applies the patched
+    ``serveConfigV2`` to a local Ray cluster the way KubeRay does.
+
+    Args:
+        name: RayService name (the serving chart's release name).
+        namespace: its namespace.
+        app: Serve application name (:func:`serving.contract.app_name`).
+        base_url: ``http://<name>-serve-svc.<namespace>.svc.cluster.local:8000<prefix>``.
+        api_key: key for the stats endpoint.
+        api: a ``CustomObjectsApi`` (default: built from in-cluster config or kubeconfig).
     """
 
     GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 
     def __init__(
-        self, name: str, namespace: str, app: str, base_url: str, api_key: str | None = None
+        self, name: str, namespace: str, app: str, base_url: str, api_key: str | None = None, api: Any = None
     ) -> None:
         self.name, self.namespace, self.app = name, namespace, app
         self._local = LocalTarget("production", base_url, api_key)
+        self._api_obj = api
 
     def _api(self):
+        if self._api_obj is not None:
+            return self._api_obj
         from kubernetes import client, config
 
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        return client.CustomObjectsApi()
+        self._api_obj = client.CustomObjectsApi()
+        return self._api_obj
+
+    def get(self) -> dict[str, Any]:
+        """The RayService object."""
+        return self._api().get_namespaced_custom_object(
+            self.GROUP, self.VERSION, self.namespace, self.PLURAL, self.name
+        )
+
+    def serve_app(self) -> dict[str, Any]:
+        """This target's application entry of the current ``serveConfigV2``."""
+        cfg = yaml.safe_load(self.get()["spec"]["serveConfigV2"]) or {}
+        app = next((a for a in cfg.get("applications", []) if a.get("name") == self.app), None)
+        if app is None:
+            raise KeyError(f"RayService {self.namespace}/{self.name} has no application {self.app!r}")
+        return app
 
     def stats(self, since: float) -> dict[str, Any]:
         return self._local.stats(since)
 
-    def _patch(self, user_config: dict[str, Any]) -> None:
+    def patch(self, user_config: dict[str, Any] | None = None, args: dict[str, Any] | None = None) -> int:
+        """Patch the RayService's ``serveConfigV2``; returns the object's new ``metadata.generation``."""
         api = self._api()
-        obj = api.get_namespaced_custom_object(
-            self.GROUP, self.VERSION, self.namespace, self.PLURAL, self.name
-        )
-        body = rayservice_patch(obj["spec"]["serveConfigV2"], self.app, user_config)
-        api.patch_namespaced_custom_object(
+        obj = self.get()
+        body = rayservice_patch(obj["spec"]["serveConfigV2"], self.app, user_config, args)
+        new = api.patch_namespaced_custom_object(
             self.GROUP, self.VERSION, self.namespace, self.PLURAL, self.name, body
         )
+        return int((new or {}).get("metadata", {}).get("generation") or 0)
+
+    def wait_running(self, generation: int = 0, timeout_s: float = 900, poll_s: float = 5) -> dict[str, Any]:
+        """Wait until KubeRay has reconciled ``generation`` and the application is RUNNING.
+
+        Reads ``status.observedGeneration`` and
+        ``status.activeServiceStatus.applicationStatuses[app].status`` (KubeRay v1).
+
+        Raises:
+            RuntimeError: the application reports DEPLOY_FAILED / UNHEALTHY, or ``timeout_s`` passes.
+        """
+        t0 = time.time()
+        while True:
+            st = self.get().get("status") or {}
+            apps = (st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
+            app = apps.get(self.app) or {}
+            seen = int(st.get("observedGeneration") or 0) >= generation
+            if seen and app.get("status") == "RUNNING":
+                return app
+            if seen and app.get("status") in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(
+                    f"{self.name}/{self.app}: {app.get('status')}: {app.get('message', '')[-2000:]}"
+                )
+            if time.time() - t0 > timeout_s:
+                raise RuntimeError(f"{self.name}/{self.app}: not RUNNING after {timeout_s}s (status {app})")
+            time.sleep(poll_s)
 
     def set_weight(self, weight: float) -> None:
-        self._patch({"canary_weight": float(weight)})
+        self.patch(contract.router_user_config(weight))
 
     def rollback(self, reason: str) -> None:
-        self._patch({"canary_weight": 0.0, "rolled_back": True, "reason": reason[:500]})
+        self.patch(contract.router_user_config(0.0, rolled_back=True, reason=reason))
 
     def finish_promotion(self, canary_uri: str | None) -> None:
-        # The serving chart resolves stable from the champion alias: after the alias moves, a weight of
-        # 0 plus the next chart upgrade (which re-resolves champion) completes the promotion.
-        self._patch({"canary_weight": 100.0})
+        """Serve the canary's version as stable (pinned), drop the canary, weight 0."""
+        args = promoted_args(self.serve_app().get("args") or {}, canary_uri)
+        self.patch(contract.router_user_config(0.0), {**args, contract.CANARY_MODEL_URI: None})
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -485,7 +564,7 @@ def rollout_cli() -> None:
 
 @rollout_cli.command("start")
 @click.option("--env", default="production", show_default=True)
-@click.option("--canary-uri", default=None, help="default models:/<model_name>@challenger")
+@click.option("--canary-uri", default=None, help="default models:/<model_name>/<challenger version>")
 @click.option("--policy", "policy_path", default=None, help="default configs/rollout_policy.yaml")
 @click.option("--wait/--no-wait", default=True, help="run the controller until promoted or rolled back")
 @step_options
@@ -495,11 +574,14 @@ def start_cmd(params: dict, env: str, canary_uri: str | None, policy_path: str |
 
     policy, target, registry, state_path, log = _context(params, env, policy_path)
     name = params.get("registry", {}).get("model_name", "troupe-roleplay")
-    canary_uri = canary_uri or f"models:/{name}@challenger"
     version = registry.version_of("challenger")
+    if canary_uri is None:
+        if version is None:
+            raise ConfigError(f"model {name!r} has no challenger alias (run `troupe registry register`)")
+        canary_uri = contract.model_version_uri(name, version)  # pinned by number, not by alias
     connect()
     app = deployed_apps().get(target.app) or app_config(env, params)
-    app["args"] = {**app["args"], "canary_model_uri": canary_uri, "canary_weight": 0.0}
+    app["args"] = {**app["args"], contract.CANARY_MODEL_URI: canary_uri, contract.CANARY_WEIGHT: 0.0}
     apply_apps([app])
     ctl = Controller(target, policy, log, registry, version, canary_uri, state_path)
     ctl.start()

@@ -24,6 +24,25 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if and (not .Values.aws.roleArn) (not .Values.aws.existingSecret) -}}
 {{- fail "no AWS credentials: set aws.roleArn (IRSA) or aws.existingSecret (Secret name)" -}}
 {{- end -}}
+{{- if and .Values.apiKeys.required (not .Values.apiKeys.existingSecret) -}}
+{{- fail "apiKeys.existingSecret is empty while apiKeys.required is true: create a Secret with the SHA-256 hashes of the accepted API keys (kubectl create secret generic troupe-serving-api-keys --from-file=api_keys_sha256=hashes.txt) and set apiKeys.existingSecret" -}}
+{{- end -}}
+{{- $w := .Values.app.canaryWeightPercent | float64 -}}
+{{- if or (lt $w 0.0) (gt $w 100.0) -}}
+{{- fail (printf "app.canaryWeightPercent=%v is outside 0-100 (percent of conversations)" .Values.app.canaryWeightPercent) -}}
+{{- end -}}
+{{- end }}
+
+{{/* Serve application name of the environment (serving.contract.app_name). */}}
+{{- define "troupe-serving.appName" -}}
+troupe-{{ .Values.environment }}
+{{- end }}
+
+{{/* File the app reads the accepted API key hashes from ("" without a Secret). */}}
+{{- define "troupe-serving.apiKeysFile" -}}
+{{- if .Values.apiKeys.existingSecret -}}
+{{ trimSuffix "/" .Values.apiKeys.mountPath }}/{{ .Values.apiKeys.secretKey }}
+{{- end -}}
 {{- end }}
 
 {{/* Container fields shared by all Ray containers (image is set per group). */}}
@@ -38,9 +57,15 @@ env:
     value: {{ .Values.app.mlflowTrackingUri | quote }}
   - name: AWS_DEFAULT_REGION
     value: {{ .Values.aws.region | quote }}
-{{- with .Values.aws.existingSecret }}
+{{- if or .Values.aws.existingSecret .Values.mlflow.existingSecret }}
 envFrom:
+  {{- with .Values.aws.existingSecret }}
   - secretRef:
       name: {{ . }}
+  {{- end }}
+  {{- with .Values.mlflow.existingSecret }}
+  - secretRef:
+      name: {{ . }}
+  {{- end }}
 {{- end }}
 {{- end }}

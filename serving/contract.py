@@ -1,0 +1,106 @@
+"""The serving contract: every name, key and unit that crosses a process boundary, in one place.
+
+The Serve application (:mod:`serving.app`), ``troupe deploy`` / ``troupe rollout`` (which write
+Serve configs or patch a RayService's ``serveConfigV2``), ``troupe registry register`` (which stores
+the characters with a model version) and the Helm chart ``charts/troupe-serving`` (checked by
+``tests/test_charts.py``, which renders it and compares it with this module and the built app) all
+take these names from here. Helm cannot import Python, so the chart spells them out; the tests fail
+when the two drift.
+
+Units are part of the key: the canary share is ``canary_weight_percent`` (0-100) everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: Application builder of every Serve application (``serveConfigV2`` ``import_path``).
+IMPORT_PATH = "serving.app:build_app"
+
+#: Serve deployment names of the built application. Only :data:`ROUTER` exists in every build
+#: (``canary`` only when a canary model is configured), so a ``serveConfigV2`` may override the
+#: Router alone; model replica options travel in the application ``args`` (``model`` section).
+ROUTER = "Router"
+STABLE = "stable"
+CANARY = "canary"
+VARIANTS = (STABLE, CANARY)
+ALWAYS_DEPLOYED = (ROUTER,)
+
+#: Router ``user_config`` keys. The canary weight is a percent of conversations in [0, 100].
+CANARY_WEIGHT = "canary_weight_percent"
+CANARY_WEIGHT_UNIT = "percent"
+ROLLED_BACK = "rolled_back"
+ROLLBACK_REASON = "reason"
+USER_CONFIG_KEYS = frozenset({CANARY_WEIGHT, ROLLED_BACK, ROLLBACK_REASON})
+
+#: Application args naming the models; ``models:/<name>/<version>`` pins a version by number.
+STABLE_MODEL_URI = "stable_model_uri"
+CANARY_MODEL_URI = "canary_model_uri"
+
+#: API keys: SHA-256 hex hashes (one a line) in a file mounted from a Secret, or comma-separated
+#: in an environment variable. The chart mounts ``apiKeys.existingSecret`` read-only at
+#: :data:`API_KEYS_DIR`; the app reads :data:`API_KEYS_FILE` (arg ``gateway.api_keys_file``).
+API_KEYS_ENV = "TROUPE_API_KEYS_SHA256"
+API_KEYS_DIR = "/etc/troupe/api-keys"
+API_KEYS_SECRET_KEY = "api_keys_sha256"
+API_KEYS_FILE = f"{API_KEYS_DIR}/{API_KEYS_SECRET_KEY}"
+
+#: Characters travel with the model version: ``troupe registry register`` logs the catalogue as
+#: this artifact of its run and tags the version with the artifact's URI and SHA-256.
+CHARACTERS_FILE = "characters.jsonl"
+CHARACTERS_URI_TAG = "troupe.characters_uri"
+CHARACTERS_SHA256_TAG = "troupe.characters_sha256"
+
+#: Serving environments (``configs/serving/<env>.yaml``, chart value ``environment``).
+ENVS = ("test", "production")
+
+
+def app_name(env: str) -> str:
+    """Serve application name of an environment: ``troupe-test``, ``troupe-production``."""
+    return f"troupe-{env}"
+
+
+def model_version_uri(model_name: str, version: str | int) -> str:
+    """``models:/<name>/<version>``: a registered version pinned by number."""
+    return f"models:/{model_name}/{version}"
+
+
+def check_weight(value: Any, where: str = CANARY_WEIGHT) -> float:
+    """A canary weight in percent as a float.
+
+    Raises:
+        ValueError: not a number or outside [0, 100] (the message names ``where`` and the unit).
+    """
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {value!r} is not a number (percent of conversations, 0-100)") from None
+    if math.isnan(w) or not 0.0 <= w <= 100.0:
+        raise ValueError(f"{where}: {w} is outside 0-100 (the unit is percent of conversations)")
+    return w
+
+
+def check_user_config(user_config: dict[str, Any]) -> dict[str, Any]:
+    """Validate a Router ``user_config``; returns it.
+
+    Raises:
+        ValueError: an unknown key (e.g. a unit-less ``canary_weight``) or a weight outside 0-100.
+    """
+    unknown = set(user_config) - USER_CONFIG_KEYS
+    if unknown:
+        raise ValueError(
+            f"Router user_config: unknown keys {sorted(unknown)} (known: {sorted(USER_CONFIG_KEYS)}; "
+            f"the canary weight is {CANARY_WEIGHT!r}, in {CANARY_WEIGHT_UNIT})"
+        )
+    if CANARY_WEIGHT in user_config:
+        check_weight(user_config[CANARY_WEIGHT], f"Router user_config.{CANARY_WEIGHT}")
+    return user_config
+
+
+def router_user_config(weight_percent: float, rolled_back: bool = False, reason: str = "") -> dict[str, Any]:
+    """The Router ``user_config`` for a canary weight (percent), optionally marking a rollback."""
+    out: dict[str, Any] = {CANARY_WEIGHT: check_weight(weight_percent)}
+    if rolled_back:
+        out.update({ROLLED_BACK: True, ROLLBACK_REASON: reason[:500]})
+    return out

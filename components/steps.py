@@ -228,10 +228,12 @@ def registry_register(
     params_yaml: str,
     eval_dir: Input[Artifact],
     dpo_model: Input[Model],
+    splits: Input[Dataset],
     registry: Output[Artifact],
     gate: Output[Markdown],
 ) -> bool:
-    """``troupe registry register``: MLflow registration + gate; gate.md as Markdown; returns whether the gate passed."""
+    """``troupe registry register``: MLflow registration + gate (the version carries the run's characters
+    from ``splits``); gate.md as Markdown; returns whether the gate passed."""
     import json
     import shutil
     from pathlib import Path
@@ -241,7 +243,12 @@ def registry_register(
     run_step(
         ["registry", "register"],
         params_yaml,
-        {"eval": resolve(eval_dir.path), "dpo_model": resolve(dpo_model.path), "registry": registry.path},
+        {
+            "eval": resolve(eval_dir.path),
+            "dpo_model": resolve(dpo_model.path),
+            "splits": resolve(splits.path),
+            "registry": registry.path,
+        },
     )
     md = Path(registry.path) / "gate.md"
     if md.is_file():

@@ -44,6 +44,8 @@ class KubeSettings:
         rayjob_env: training chart values file ``values-<rayjob_env>.yaml`` the RayJobs use.
         rayjob_values: more chart values as ``key=value`` (``--chart-set``), e.g.
             ``aws.roleArn=arn:aws:iam::<account>:role/troupe-prod-training``.
+        rayservice: the serving chart's RayService (release name) the deploy step patches, in
+            ``rayjob_namespace``; the serving chart's RBAC lets the pipeline get and patch it.
     """
 
     s3_secret: str = "troupe-s3"
@@ -70,6 +72,7 @@ class KubeSettings:
     rayjob_namespace: str = "default"
     rayjob_env: str = "prod"
     rayjob_values: list[str] = field(default_factory=list)
+    rayservice: str = "troupe-serving"
 
 
 def _place(task: dsl.PipelineTask, kube: KubeSettings, heavy: bool) -> dsl.PipelineTask:
@@ -188,11 +191,23 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
         dpo_model = dpo.outputs["dpo_model"]
         ev = step(steps.evaluate, "evaluate", heavy=True, dpo_model=dpo_model, **on_models)
         reg = step(
-            steps.registry_register, "registry register", eval_dir=ev.outputs["eval_dir"], dpo_model=dpo_model
+            steps.registry_register,
+            "registry register",
+            eval_dir=ev.outputs["eval_dir"],
+            dpo_model=dpo_model,
+            splits=splits,
         )
         with dsl.If(reg.outputs["Output"] == True, name="gate passed"):  # noqa: E712 (KFP condition syntax)
             step(
-                steps.deploy, "deploy", registry=reg.outputs["registry"], dpo_model=dpo_model, env=deploy_env
+                steps.deploy,
+                "deploy",
+                registry=reg.outputs["registry"],
+                dpo_model=dpo_model,
+                env=deploy_env,
+                # on Kubernetes: patch the serving chart's RayService (pinned version), no Ray in the pod
+                kubernetes=on_k8s,
+                rayservice=kube.rayservice if kube else "troupe-serving",
+                rayservice_namespace=kube.rayjob_namespace if kube else "",
             )
 
     return troupe_pipeline

@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
     contract.CANARY_WEIGHT: 0.0,
     "model": {
         "dtype": "float32",
+        "device": "cpu",
         "num_replicas": 1,
         "num_cpus": 1,
         "num_gpus": 0,
@@ -338,7 +339,10 @@ class Model:
         self.dir, self.version = resolve_model(uri, tracking_uri)
         self.cfg = cfg
         self.backend = TransformersBackend(
-            self.dir, cfg.get("dtype", "float32"), int(float(cfg.get("prefix_cache_mb", 64)) * (1 << 20))
+            self.dir,
+            cfg.get("dtype", "float32"),
+            int(float(cfg.get("prefix_cache_mb", 64)) * (1 << 20)),
+            device=str(cfg.get("device", "cpu")),
         )
         self._batch.set_max_batch_size(int(cfg.get("max_batch_size", 8)))
         self._batch.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.02)))

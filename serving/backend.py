@@ -124,15 +124,27 @@ class TransformersBackend:
         model_dir: HF checkpoint directory (model + tokenizer with a chat template).
         dtype: torch dtype name.
         prefix_cache_bytes: memory bound of the prefix cache; 0 disables it.
+        device: ``cpu``, ``cuda`` or ``npu`` (Ascend, through ``torch_npu``; the ascend profile's
+            backend, since no vllm-ascend release fits Ray Serve 2.60's dependencies).
     """
 
-    def __init__(self, model_dir: str | Path, dtype: str = "float32", prefix_cache_bytes: int = 64 << 20):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: str = "float32",
+        prefix_cache_bytes: int = 64 << 20,
+        device: str = "cpu",
+    ):
         import torch
 
         from troupe.modeling import load_model
 
+        if device == "npu":
+            import torch_npu  # noqa: F401 - registers the npu device with torch (Ascend image)
         torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.device = torch.device(device)
         self.model, self.tok = load_model(model_dir, dtype)
+        self.model.to(self.device)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._lock = threading.Lock()  # one generate at a time per replica (torch uses all threads)
 
@@ -162,7 +174,7 @@ class TransformersBackend:
             return ids, copy.deepcopy(kv), True
         ids = self._ids(prefix_text)
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
         kv = out.past_key_values
         self.cache.put(key, prefix_text, ids, copy.deepcopy(kv), _cache_nbytes(kv))
         return ids, kv, False
@@ -208,8 +220,8 @@ class TransformersBackend:
                 k = width - len(s)
                 rows.append(p_ids + [pad] * k + s)
                 masks.append([1] * len(p_ids) + [0] * k + [1] * len(s))
-            input_ids = torch.tensor(rows)
-            attention_mask = torch.tensor(masks)
+            input_ids = torch.tensor(rows, device=self.device)
+            attention_mask = torch.tensor(masks, device=self.device)
             gen_kw: dict[str, Any] = dict(
                 max_new_tokens=max_new,
                 do_sample=temp > 0,
@@ -257,7 +269,7 @@ class TransformersBackend:
             try:
                 with self._lock:
                     p_ids, kv, _ = self._prefix(request.cache_key, prefix)
-                    ids = torch.tensor([p_ids + self._ids(suffix)])
+                    ids = torch.tensor([p_ids + self._ids(suffix)], device=self.device)
                     kw: dict[str, Any] = dict(
                         max_new_tokens=request.max_new_tokens,
                         do_sample=request.temperature > 0,

@@ -128,19 +128,22 @@ def _troupe_cfg(
         "learning_rate": 5e-5,
         "packing": True,
     }
-    return dict(
-        method="sft",
-        hp=hp,
-        train=train,
-        cutoff_len=max_length,
-        base_model=model_dir,
-        base_model_dir=model_dir,  # what train_loop resolves on a worker; the one-process variant uses it as is
-        base_model_setting="--model",
-        out=str(out / "model"),
-        run_name="bench-sft",
-        scratch=str(out / "scratch"),
-        examples=build_sft_examples(split, tok, max_length),
-    ), out
+    return (
+        dict(
+            method="sft",
+            hp=hp,
+            train=train,
+            cutoff_len=max_length,
+            base_model=model_dir,
+            base_model_dir=model_dir,  # what train_loop resolves on a worker; the one-process variant uses it as is
+            base_model_setting="--model",
+            out=str(out / "model"),
+            run_name="bench-sft",
+            scratch=str(out / "scratch"),
+            examples=build_sft_examples(split, tok, max_length),
+        ),
+        out,
+    )
 
 
 def troupe_one_process(model_dir: str, data_dir: Path, steps: int, batch: int, max_length: int) -> dict:

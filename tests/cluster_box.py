@@ -53,6 +53,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import wait_healthy
+
 REPO = Path(__file__).resolve().parents[1]
 CHARTS = REPO / "charts"
 REGION = "us-east-1"
@@ -301,19 +303,8 @@ def mlflow_server(s3: S3Box, tmp_path_factory) -> Iterator[MlflowServer]:
         argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=d, preexec_fn=_die_with_parent
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
     try:
-        while True:
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited {proc.returncode}: {log_path.read_text()[-3000:]}")
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server not healthy in 180 s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_healthy(uri, proc, log_path)
         server = MlflowServer(uri)
         server.uri, server.argv, server.env, server.standins = uri, argv, plain, standins
         server.auth, server.log = auth, log_path

@@ -34,6 +34,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(uri: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:
+    """Poll ``<uri>/health`` until 200; RuntimeError with the log's tail if ``proc`` exits or time runs out
+    (the process is killed then)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {log_path.read_text()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server not healthy in {timeout_s:g} s: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (SQLite backend, served artifacts) on loopback; yields its URI."""
@@ -61,19 +79,7 @@ def mlflow_server(tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(d / 'server.log').read_text()[-2000:]}")
-        time.sleep(1)
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not start in 180 s")
+    wait_healthy(uri, proc, d / "server.log")
     yield uri
     proc.terminate()
     proc.wait(30)

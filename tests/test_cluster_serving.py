@@ -47,6 +47,7 @@ from tests.cluster_box import (
     wait_app_running,
 )
 from tests.serve_fixtures import CHARACTERS, characters_file, tiny_model
+from tests.test_registry import GOOD  # metrics that pass configs/gate_policy.yaml
 
 pytestmark = pytest.mark.timeout(900)
 s3, mlflow_server, ray_cluster = (
@@ -65,15 +66,6 @@ EXTRA = {
     "profile": {"job": "cartographer"},
     "style": "curious",
     "examples": ["Where does this road go?"],
-}
-GOOD = {
-    "heldout_characters": {
-        "language_consistency": 0.9,
-        "markup_validity": 1.0,
-        "assistant_leakage": 0.0,
-        "empty_reply": 0.0,
-    },
-    "heldout_dialogues": {"language_consistency": 0.9, "assistant_leakage": 0.0},
 }
 
 

@@ -192,7 +192,10 @@ def test_cli_render_matches_chart(tmp_path: Path) -> None:
     assert job == chart_rayjob(values, "r2")
     worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["huawei.com/Ascend910"] == 8
-    assert worker["envFrom"] == [{"secretRef": {"name": "troupe-aws"}}, {"secretRef": {"name": "troupe-mlflow-client"}}]
+    assert worker["envFrom"] == [
+        {"secretRef": {"name": "troupe-aws"}},
+        {"secretRef": {"name": "troupe-mlflow-client"}},
+    ]
 
 
 def test_cli_submit_through_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -232,7 +235,9 @@ def test_chart_rbac_lets_the_pipeline_do_what_the_submitter_does() -> None:
         granted = set().union(*(set(r["verbs"]) for r in role["rules"]
                                 if group in r["apiGroups"] and resource in r["resources"]))  # fmt: skip
         assert verbs <= granted, (group, resource, verbs - granted)
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}
+    ]
 
 
 def test_prod_rayjob_requests_efa_and_carries_run_identity() -> None:

@@ -57,6 +57,7 @@ from serving.gateway import (
     parse_messages,
     split_reply,
 )
+from troupe.config import repo_path
 
 log = logging.getLogger("ray.serve")
 
@@ -170,7 +171,7 @@ def load_serving_config(args: dict[str, Any]) -> dict[str, Any]:
     path = args.get("config")
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        p = _repo_path(path)
+        p = repo_path(path)
         if not p.is_file():
             raise FileNotFoundError(f"serving config {path}: not found")
     else:
@@ -180,12 +181,6 @@ def load_serving_config(args: dict[str, Any]) -> dict[str, Any]:
         check_args(file_cfg, str(p))
         cfg = deep_merge(cfg, file_cfg)
     return deep_merge(cfg, {k: v for k, v in args.items() if k != "config" and v is not None})
-
-
-def _repo_path(p: str | Path) -> Path:
-    """A relative path as given if it exists from the cwd, else relative to the repository root."""
-    q = Path(p)
-    return q if q.is_absolute() or q.exists() else REPO_ROOT / q
 
 
 def model_uris(cfg: dict[str, Any]) -> tuple[str, str | None]:
@@ -280,7 +275,7 @@ def load_character_file(spec: str | list[str]) -> dict[str, Any]:
 
     cands = [spec] if isinstance(spec, str) else list(spec)
     for c in cands:
-        p = _repo_path(c)
+        p = repo_path(c)
         if p.is_file():
             return load_characters(p)
     raise FileNotFoundError(f"characters: none of {cands} exists (set 'characters' in the serving config)")

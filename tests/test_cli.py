@@ -46,3 +46,19 @@ def test_bad_params_exit_2_with_a_named_cause(args, message, tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert message in r.stderr
+
+
+def test_policies_resolve_from_any_working_directory(tmp_path, monkeypatch) -> None:
+    """Ray workers and KFP pods start in other directories: repo-relative policy paths still resolve."""
+    from troupe.registry import load_policy
+    from troupe.rollout import Policy
+
+    monkeypatch.chdir(tmp_path)
+    assert load_policy("configs/gate_policy.yaml")
+    assert Policy.load("configs/rollout_policy.yaml")
+    import pytest
+
+    from troupe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="configs/nope.yaml: gate policy not found"):
+        load_policy("configs/nope.yaml")

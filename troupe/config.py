@@ -69,6 +69,17 @@ def apply_overrides(params: dict[str, Any], overrides: list[str] | tuple[str, ..
     return out
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_path(p: str | Path) -> Path:
+    """A relative path as given when it exists from the working directory, else under the repository
+    (or image) root: ``configs/gate_policy.yaml`` resolves the same from a Ray worker, a KFP pod or a
+    checkout, whatever their working directory."""
+    q = Path(p)
+    return q if q.is_absolute() or q.exists() else REPO_ROOT / q
+
+
 def section(params: dict[str, Any], name: str) -> dict[str, Any]:
     """``params[name]`` as a dict, or a ConfigError naming the missing section."""
     v = params.get(name)

@@ -32,7 +32,7 @@ import yaml
 
 from serving import contract
 from troupe.cli import step_options
-from troupe.config import ConfigError, path_of, section
+from troupe.config import ConfigError, path_of, repo_path, section
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 _MODEL_KEY = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
@@ -40,9 +40,9 @@ _MODEL_KEY = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
 
 def load_policy(path: str | Path) -> dict[str, Any]:
     """Read a gate policy YAML (see configs/gate_policy.yaml); ConfigError naming the file/field."""
-    p = Path(path)
+    p = repo_path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: gate policy not found (registry.gate_policy)")
+        raise ConfigError(f"{path}: gate policy not found (registry.gate_policy)")
     pol = yaml.safe_load(p.read_text()) or {}
     for key, rule in (pol.get("absolute") or {}).items():
         if not isinstance(rule, dict) or not set(rule) <= {"min", "max"} or not rule:

@@ -22,7 +22,7 @@ import yaml
 
 from serving import contract
 from troupe.cli import step_options
-from troupe.config import ConfigError, path_of, section
+from troupe.config import ConfigError, path_of, repo_path, section
 
 QUALITY_KEYS = ("markup_invalid_rate", "language_mismatch_rate", "assistant_phrase_rate")
 
@@ -61,9 +61,9 @@ class Policy:
         Raises:
             ConfigError: missing file, unknown key, or steps not increasing to 100.
         """
-        p = Path(path)
+        p = repo_path(path)
         if not p.is_file():
-            raise ConfigError(f"{p}: rollout policy not found")
+            raise ConfigError(f"{path}: rollout policy not found")
         d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:

@@ -149,3 +149,55 @@ def test_decoding_a_budget_cut_reply_drops_the_partial_character(tiny_model_dir)
     text = decode_reply(tok, ids[:cut])
     assert REPLACEMENT_CHAR not in text and "你好，八戒".startswith(text)
     assert decode_reply(tok, ids) == "你好，八戒"
+
+
+def test_evaluate_reads_and_writes_uris(tiny_model_dir, tmp_path, monkeypatch):
+    """On a cluster every input and output of evaluate is a URI (S3 on a moto server here): the model
+    and splits are downloaded, metrics/report published to paths.eval only when the step succeeds."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+    from troupe import storage
+    from troupe.contract import Character, Dialogue, read_jsonl, write_jsonl
+    from troupe.evaluate import evaluate
+
+    port = free_port()
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    srv.start()
+    try:
+        for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                     "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}.items():  # fmt: skip
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="evalbox")
+        sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+        chars = read_jsonl(sample / "characters.jsonl", Character)
+        ds = read_jsonl(sample / "dialogues.jsonl", Dialogue)
+        splits = tmp_path / "splits"
+        splits.mkdir()
+        write_jsonl(splits / "characters.jsonl", chars)
+        for name in ("train", "heldout_dialogues", "heldout_characters"):
+            write_jsonl(splits / f"{name}.jsonl", ds[:2])
+        storage.upload(splits, "s3://evalbox/run/splits")
+        storage.upload(tiny_model_dir, "s3://evalbox/run/base_model")
+        params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+        params["paths"].update(splits="s3://evalbox/run/splits", base_model="s3://evalbox/run/base_model",
+                               eval="s3://evalbox/run/eval")  # fmt: skip
+        params["eval"].update(models=["base"], max_new_tokens=4)
+        params["split"]["max_eval_dialogues"] = 1
+        metrics = evaluate(params)
+        published = json.loads(storage.read_text("s3://evalbox/run/eval/metrics.json"))
+        assert published == json.loads(json.dumps(metrics)) and "base" in published
+        assert storage.exists("s3://evalbox/run/eval/report.html")
+        params["eval"]["models"] = ["sft"]
+        params["paths"]["sft_model"] = "s3://evalbox/run/missing"
+        with pytest.raises(Exception, match=r"paths\.sft_model"):
+            evaluate(params)
+    finally:
+        srv.stop()

@@ -43,7 +43,7 @@ import click
 
 from troupe.checks import NEAR_DUPLICATE_JACCARD, char_trigrams, check_reply, jaccard, last_user_text
 from troupe.cli import step_options
-from troupe.config import ConfigError, path_of, section
+from troupe.config import ConfigError, section
 from troupe.contract import Character, Dialogue, load_characters, read_jsonl
 from troupe.markup import strip_markup
 
@@ -338,18 +338,27 @@ def write_report(
 def evaluate(params: dict[str, Any]) -> dict[str, Any]:
     """Evaluate every model of ``eval.models`` on both held-out splits; write ``paths.eval``; log to MLflow.
 
-    Returns the nested metrics dict ``{model: {split: {metric: value}}}``.
+    Returns the nested metrics dict ``{model: {split: {metric: value}}}``. ``paths.splits``, the model
+    paths and ``paths.eval`` may be local paths or URIs (:mod:`troupe.storage`): inputs are downloaded,
+    outputs published when the step succeeds.
 
     Raises:
         ConfigError: unknown model name in ``eval.models`` or missing model directory.
     """
-    import mlflow
-
-    from troupe.tracking import flatten, step_run
+    from troupe import storage
 
     cfg = section(params, "eval")
-    splits_dir, out = path_of(params, "splits"), path_of(params, "eval")
-    out.mkdir(parents=True, exist_ok=True)
+    paths = section(params, "paths")
+    with storage.output_dir(paths["eval"]) as out:
+        return _evaluate(params, cfg, storage.local_copy(paths["splits"], what="paths.splits"), out)
+
+
+def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out: Path):
+    import mlflow
+
+    from troupe import storage
+    from troupe.tracking import flatten, step_run
+
     chars = load_characters(splits_dir / "characters.jsonl")
     cap = int(params.get("split", {}).get("max_eval_dialogues", 0))
     split_dialogues = {}
@@ -362,11 +371,13 @@ def evaluate(params: dict[str, Any]) -> dict[str, Any]:
         for name in cfg.get("models", ["base", "sft", "dpo"]):
             if name not in MODEL_PATH_KEYS:
                 raise ConfigError(f"eval.models: unknown model {name!r}; expected {sorted(MODEL_PATH_KEYS)}")
-            d = path_of(params, MODEL_PATH_KEYS[name])
-            if not d.is_dir():
+            key = MODEL_PATH_KEYS[name]
+            loc = str(params["paths"][key])
+            if not storage.exists(loc):
                 raise ConfigError(
-                    f"{d}: model directory for eval.models={name} not found (run its stage first)"
+                    f"{loc}: model directory for eval.models={name} not found (paths.{key}; run its stage first)"
                 )
+            d = storage.local_copy(loc, what=f"paths.{key}")
             m, s, pc = evaluate_model(d, split_dialogues, chars, cfg, cutoff, name)
             metrics[name], samples, per_char = m, samples + s, per_char + pc
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -137,7 +137,8 @@ def train_step(
     """Run ``troupe train <step>`` in-process, or on Kubernetes as a KubeRay RayJob through ``troupe rayjob submit``.
 
     On the RayJob path (created in ``namespace``, chart values ``values-<chart_env>.yaml`` plus
-    ``chart_sets``) every location the job touches is a URI under ``<storage_root>/<run_id>``: the
+    ``chart_sets``) every location the job touches is a URI under ``<storage_root>/troupe-<run_id>``
+    (:func:`rayjob_release`): the
     inputs (uploaded by :func:`publish_inputs`), the output model and the checkpoints; the KFP
     artifact gets only a :data:`POINTER` file holding the output URI. ``run_id`` (the KFP run id) is
     the run's identity (``TROUPE_PIPELINE_RUN``, ``run.id``): a retried task or RayJob resumes.

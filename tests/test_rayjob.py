@@ -201,8 +201,7 @@ def test_cli_render_matches_chart(tmp_path: Path) -> None:
 def test_cli_submit_through_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI path through a kubeconfig. Input reachability (S3) is checked for real in
     tests/test_cluster_training.py; here it is switched off so params.yaml's local paths pass."""
-    monkeypatch.setattr("troupe.kube.rayjob.check_cluster_locations", lambda params, step: None)
-    monkeypatch.setattr("troupe.storage.check_root", lambda uri, what: None)
+    monkeypatch.setattr("troupe.kube.rayjob.check_cluster_locations", lambda params, step, ckpt: None)
     statuses = [
         RUNNING,
         {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded", "message": "too slow"},

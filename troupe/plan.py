@@ -274,10 +274,27 @@ def plan_deepspeed_config(inp: PlanInput) -> dict[str, Any]:
     :func:`troupe.train.distributed.deepspeed_config`, fed from the plan's inputs."""
     from troupe.train.distributed import deepspeed_config
 
-    offload = {"none": False, "optimizer": "optimizer", "param+optimizer": "all"}[inp.offload]
+    offload = TRAIN_OFFLOAD[inp.offload]
     return deepspeed_config(
         {"zero_stage": inp.zero_stage, "offload": offload, "accelerator": inp.accelerator}
     )
+
+
+#: The plan's offload name (:data:`OFFLOADS`) -> params ``train.offload``.
+TRAIN_OFFLOAD: dict[str, Any] = {"none": False, "optimizer": "optimizer", "param+optimizer": "all"}
+
+
+def plan_offload(train_offload: Any) -> str:
+    """The plan's offload name for a ``train.offload`` value (false | true = optimizer | optimizer | all).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    value = "optimizer" if train_offload is True else (train_offload or False)
+    for name, t in TRAIN_OFFLOAD.items():
+        if t == value and type(t) is type(value):
+            return name
+    raise ValueError(f"train.offload={train_offload!r}: expected false, optimizer or all")
 
 
 def needs_checkpointing(inp: PlanInput) -> bool:

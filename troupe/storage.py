@@ -151,7 +151,7 @@ def check_readable(location: str | Path, what: str, *, kind: str = "any") -> Non
 
 
 def check_root(location: str | Path, what: str) -> None:
-    """Fail fast when the bucket (or local parent) an output will be written under does not exist.
+    """Fail fast when the bucket a remote output will be written under does not exist (local: no check).
 
     Raises:
         StorageError: naming ``what``, the location and why (missing bucket, credentials, endpoint).
@@ -189,17 +189,9 @@ def download(location: str | Path, dest: str | Path) -> Path:
     if kind == "missing":
         raise StorageError(f"{location}: no such file or directory", uri=str(location), reason="missing")
     fs, path = filesystem(location)
+    (dest.parent if kind == "file" else dest).mkdir(parents=True, exist_ok=True)
     try:
-        if kind == "file":
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(
-                path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-            )
-        else:
-            dest.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(
-                path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-            )
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     except Exception as e:
         raise _classify(str(location), e) from e
     return dest
@@ -335,11 +327,15 @@ def write_text(location: str | Path, text: str) -> str:
 
 def list_files(location: str | Path) -> list[str]:
     """Paths of all files under the directory ``location``, relative to it, sorted (``[]`` if missing)."""
-    import pyarrow.fs as pafs
-
     if info(location) != "dir":
         return []
-    fs, path = filesystem(location)
-    sel = pafs.FileSelector(path, recursive=True)
+    return files_under(*filesystem(location))
+
+
+def files_under(fs: Any, path: str) -> list[str]:
+    """Paths of all files under ``path`` in the ``pyarrow.fs`` filesystem ``fs``, relative to it, sorted."""
+    import pyarrow.fs as pafs
+
     base = path.rstrip("/") + "/"
+    sel = pafs.FileSelector(path, recursive=True)
     return sorted(i.path[len(base) :] for i in fs.get_file_info(sel) if i.type == pafs.FileType.File)

@@ -7,7 +7,6 @@ creates the RayJob, follows it and exits non-zero with KubeRay's reason when it 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -79,11 +78,12 @@ def _build(
     chart_sets: tuple[str, ...],
     release: str,
     namespace: str,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict]:
+    """(params ConfigMap, RayJob, chart values) for one step."""
     files = ([f"values-{env}.yaml"] if env else []) + list(value_files)
     values = training_values(params, step, value_files=files, overrides=_chart_overrides(chart_sets))
     cm = params_configmap(values, release=release, namespace=namespace)
-    return cm, rayjob_manifest(values, release=release, namespace=namespace)
+    return cm, rayjob_manifest(values, release=release, namespace=namespace), values
 
 
 @click.group("rayjob")
@@ -107,7 +107,7 @@ def render_cmd(
     release: str,
 ) -> None:
     """Print the params ConfigMap and the RayJob as YAML (nothing is contacted)."""
-    cm, job = _build(params, step, env, value_files, chart_sets, release, namespace)
+    cm, job, _ = _build(params, step, env, value_files, chart_sets, release, namespace)
     click.echo(yaml.dump_all([cm, job], Dumper=_BlockDumper, sort_keys=False, allow_unicode=True), nl=False)
 
 
@@ -148,12 +148,8 @@ def submit_cmd(
     from troupe.kube.rayjob import check_cluster_locations, kube_api_client, submit_rayjob
 
     release = release or time.strftime("troupe-%Y%m%d-%H%M%S", time.gmtime())
-    check_cluster_locations(params, step)
-    cm, job = _build(params, step, env, value_files, chart_sets, release, namespace)
-    from troupe import storage
-
-    ckpt = json.loads(job["spec"]["runtimeEnvYAML"])["env_vars"]["TROUPE_CHECKPOINT_URI"]
-    storage.check_root(ckpt, "checkpoints.s3Uri")
+    cm, job, values = _build(params, step, env, value_files, chart_sets, release, namespace)
+    check_cluster_locations(params, step, values["checkpoints"]["s3Uri"])
     api_client = kube_api_client()
     core = client.CoreV1Api(api_client)
     try:

@@ -339,15 +339,16 @@ STEP_IO: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def check_cluster_locations(params: dict[str, Any], step: str) -> None:
-    """Fail at submission, not after an hour, when a RayJob could not reach its inputs or output.
+def check_cluster_locations(params: dict[str, Any], step: str, checkpoint_uri: str) -> None:
+    """Fail at submission, not after an hour, when a RayJob could not reach its inputs or outputs.
 
     Every input ``paths.*`` of ``step`` (:data:`STEP_IO`) must be a URI every pod can read (a local
     path exists only on the pod or machine that wrote it) and readable now (credentials, endpoint,
-    object present); the output must be a URI too.
+    object present); the output must be a URI too; the bucket of ``checkpoint_uri`` (the chart's
+    ``checkpoints.s3Uri``) must exist.
 
     Raises:
-        troupe.storage.StorageError: naming ``paths.<key>``, the location and why.
+        troupe.storage.StorageError: naming ``paths.<key>`` or ``checkpoints.s3Uri``, the location and why.
     """
     from troupe import storage
 
@@ -364,6 +365,7 @@ def check_cluster_locations(params: dict[str, Any], step: str) -> None:
             )
     for key in inputs:
         storage.check_readable(str(paths[key]), f"paths.{key}")
+    storage.check_root(checkpoint_uri, "checkpoints.s3Uri")
 
 
 def run_id(values: dict[str, Any], release: str) -> str:

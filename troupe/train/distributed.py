@@ -136,16 +136,9 @@ def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
         return bool(setting)
     if train.get("accelerator", "cpu") == "cpu":
         return False
-    from troupe.plan import PlanInput, arch_from_config, needs_checkpointing
+    from troupe.plan import PlanInput, arch_from_config, needs_checkpointing, plan_offload
 
     conf = json.loads(Path(cfg["base_model_dir"], "config.json").read_text())
-    offload = {
-        False: "none",
-        None: "none",
-        True: "optimizer",
-        "optimizer": "optimizer",
-        "all": "param+optimizer",
-    }
     inp = PlanInput(
         arch=arch_from_config(conf),
         seq_len=int(cfg["cutoff_len"]),
@@ -153,7 +146,7 @@ def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
         nodes=1,
         devices_per_node=int(train.get("num_workers", 1)),
         zero_stage=int(train.get("zero_stage", 3)),
-        offload=offload[train.get("offload", False)],
+        offload=plan_offload(train.get("offload", False)),
         accelerator=str(train["accelerator"]),
         method=cfg["method"],
         checkpointing=False,
@@ -526,16 +519,14 @@ def _resume_dir(cfg: dict[str, Any], rank: int) -> tuple[str | None, int | None]
     import pyarrow.fs as pafs
     import ray.train
 
+    from troupe import storage
+
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None, None
     local = node_scratch(cfg) / f"resume-rank{rank}"
     fs, base = ckpt.filesystem, ckpt.path.rstrip("/")
-    files = [
-        i.path[len(base) + 1 :]
-        for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        if i.type == pafs.FileType.File
-    ]
+    files = storage.files_under(fs, base)
     mine = [f for f in files if own_checkpoint_file(f, rank)]
     for rel in mine:
         dst = local / rel

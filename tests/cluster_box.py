@@ -39,7 +39,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import wait_healthy
+from tests.conftest import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 CHARTS = REPO / "charts"
@@ -71,13 +70,6 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_chart(chart: str, values: dict[str, Any], release: str, namespace: str) -> list[dict[str, Any]]:
@@ -452,16 +444,23 @@ def ray_cluster(s3: S3Box, tmp_path_factory) -> Iterator[RayBox]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
     # the image puts the venv's console scripts (`troupe`, what a RayJob entrypoint runs) on PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    gcs, dash = free_port(), free_port()
-    head = _ray_start(
-        "head",
-        [
-            "--head", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
-        ],
-        root,
-        env,
-    )  # fmt: skip
+    for attempt in range(3):  # a port drawn free may be taken by another process before Ray binds it
+        gcs, dash = free_port(), free_port()
+        try:
+            head = _ray_start(
+                "head",
+                [
+                    "--head", f"--port={gcs}", "--num-cpus=1", "--num-gpus=0", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--ray-client-server-port={free_port()}",
+                ],
+                root,
+                env,
+            )  # fmt: skip
+            break
+        except RuntimeError as err:
+            if attempt == 2 or "port" not in str(err).lower():
+                raise
     nodes = [head]
     try:
         resources = chart_worker_resources()

@@ -27,11 +27,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return prepare_base("tiny-random", tmp_path_factory.mktemp("tiny_model"))
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on loopback, never one this process handed out before: the kernel may give
+    a just-closed port again, and Ray refuses to start when two of its components share a port
+    (CI saw the dashboard and the node manager both drawn as 34915)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_healthy(uri: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 180) -> None:

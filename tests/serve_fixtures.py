@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 from serving import contract
@@ -45,12 +44,6 @@ def characters_file(d: Path) -> Path:
     p = d / "characters.jsonl"
     p.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in CHARACTERS), encoding="utf-8")
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cluster(port: int) -> None:

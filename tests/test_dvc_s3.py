@@ -26,22 +26,18 @@ import dvc_s3  # noqa: E402,F401  (DVC's S3 remote plugin must be installed)
 import moto.server  # noqa: E402,F401
 import pytest
 
+from tests.conftest import free_port
+
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 BUCKET = "troupe-dvc"
 REGION = "us-east-1"
 DVC_TIMEOUT = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def moto_s3(tmp_path_factory):
     """A moto S3 server subprocess on 127.0.0.1:<free port>; yields its endpoint URL."""
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
     with open(log, "wb") as fh:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import yaml
 
 helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (dev extra)")
 
+from tests.conftest import free_port  # noqa: E402
 from troupe import mlflow_server as entry  # noqa: E402
 from troupe.kube.rayjob import merge_values  # noqa: E402
 
@@ -51,12 +51,6 @@ def require_auth_extra() -> None:
         import flask_wtf  # noqa: F401
     except ImportError:
         pytest.fail("MLflow's basic-auth app needs mlflow[auth] (Flask-WTF): pip install 'mlflow[auth]'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def values(env: str, override: dict[str, Any] | None = None) -> dict[str, Any]:

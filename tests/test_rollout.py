@@ -6,7 +6,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.serve_fixtures import characters_file, free_port, make_app, start_cluster, stop_cluster, tiny_model
+from tests.conftest import free_port
+from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
 from troupe.rollout import Controller, EventLog, LocalTarget, Policy, Registry, decide, rayservice_patch
 
 NAME = "troupe-roleplay"

@@ -9,7 +9,8 @@ import pytest
 
 from serving import contract
 from serving.gateway import StickyRouter, bucket, choose_variant
-from tests.serve_fixtures import characters_file, free_port, make_app, start_cluster, stop_cluster, tiny_model
+from tests.conftest import free_port
+from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
 
 
 @pytest.mark.parametrize("weight", [5.0, 25.0, 50.0])

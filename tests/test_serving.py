@@ -8,7 +8,8 @@ import json
 import httpx
 import pytest
 
-from tests.serve_fixtures import characters_file, free_port, make_app, start_cluster, stop_cluster, tiny_model
+from tests.conftest import free_port
+from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
 
 KEY = "sk-test-123"
 pytestmark = pytest.mark.timeout(600)

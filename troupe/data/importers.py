@@ -28,6 +28,8 @@ error (:class:`~troupe.contract.QuarantineRecord` with file, line, reason and th
 :class:`~troupe.contract.ContractError` naming the file. Dialogues whose ``character_id`` names no
 imported card are quarantined ("unknown character id"). Every imported dialogue carries
 ``meta["origin"] = {"file", "line"}`` so later stages can name the source line of a rejection.
+Records cut from one source conversation carry the same ``meta["source_dialogue"]`` (CharacterEval:
+:func:`charactereval_scene_id`), so the split never puts two cuts of one scene on both sides.
 """
 
 from __future__ import annotations
@@ -494,6 +496,18 @@ def charactereval_turns(context: str, role: str) -> tuple[list[Message], list[Me
     return msgs, trailing
 
 
+def charactereval_scene_id(label: str, novel: Any, context: str) -> str:
+    """Source-dialogue id of a CharacterEval record: ``"{label}-scene-{hash}"`` of novel + first script line.
+
+    CharacterEval cuts one script scene at several points and for several roles (4,564 records, 2,706
+    of them strict prefixes of another record of the same role); every cut of a scene starts with the
+    scene's first line, so records with the same id are cuts of one scene and the split keeps them
+    together (:func:`troupe.data.split.dialogue_groups`). Whitespace is collapsed before hashing.
+    """
+    first = next((ln for ln in context.split("\n") if ln.strip()), "")
+    return f"{label}-scene-{_short_hash(str(novel or '') + chr(0) + ' '.join(first.split()))}"
+
+
 def _import_charactereval(src: dict[str, Any], sink: _Sink) -> None:
     root = Path(src["path"])
     pfile, dfile = root / "character_profiles.json", root / "test_data.jsonl"
@@ -521,7 +535,11 @@ def _import_charactereval(src: dict[str, Any], sink: _Sink) -> None:
                 sink.character(Character(id=cid, name=role, language="zh", profile=profile), str(pfile), None)
                 made.add(cid)
             msgs, trailing = charactereval_turns(rec["context"], role)
-            meta: dict[str, Any] = {"novel": rec.get("novel_name", ""), "charactereval_id": rec.get("id")}
+            meta: dict[str, Any] = {
+                "novel": rec.get("novel_name", ""),
+                "charactereval_id": rec.get("id"),
+                "source_dialogue": charactereval_scene_id(label, rec.get("novel_name", ""), rec["context"]),
+            }
             if trailing:
                 meta["trailing_user_turns"] = [m.model_dump(exclude_none=True) for m in trailing]
             d = Dialogue(

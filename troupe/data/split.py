@@ -14,12 +14,23 @@
 
 Every output dialogue has ``split`` set to ``train`` / ``heldout_dialogues`` / ``heldout_characters``;
 no held-out character has a dialogue in ``train``. File order follows the input order.
+
+Leakage: the unit of the split is a *group* of dialogues (:func:`dialogue_groups`), never a single
+dialogue. Two dialogues are in one group when one's turns are a prefix of the other's, when they share
+their first ``split.shared_prefix_turns`` turns, or when they carry the same
+``meta["source_dialogue"]`` (importers set it for records cut from one source conversation, e.g.
+CharacterEval's scenes cut at several points and for several roles); groups are closed under these
+links (connected components). A group never straddles train and held-out: a group holding a held-out
+character's dialogue goes to the held-out side whole (its other characters' dialogues become held-out
+dialogues, counted in ``report["grouping"]["pulled_with_heldout_characters"]``), and held-out
+dialogues of seen characters are drawn group by group. So no held-out context appears in training.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +90,66 @@ def choose_heldout_characters(
     return sorted(picked)
 
 
+def _turn_key(m: Any) -> tuple[str, str]:
+    """(role, NFKC text with whitespace collapsed) of one turn: the unit of prefix comparison."""
+    return m.role, " ".join(unicodedata.normalize("NFKC", m.content).split())
+
+
+def dialogue_groups(dialogues: list[Dialogue], shared_prefix_turns: int = 2) -> list[int]:
+    """Group index per dialogue: connected components of the "shares context" relation.
+
+    Two dialogues are linked when (a) the non-system turns of one are a prefix of the other's (equal
+    sequences included), (b) they share their first ``shared_prefix_turns`` non-system turns, or (c)
+    their ``meta["source_dialogue"]`` strings are equal and non-empty. Turns compare by role and text
+    (NFKC, whitespace collapsed); a leading system (scene) turn is ignored, as are ``name`` fields.
+    Linear in the total number of turns (hash look-ups of prefixes up to ``shared_prefix_turns``).
+
+    Args:
+        dialogues: N dialogues.
+        shared_prefix_turns: k >= 1; a prefix longer than k is caught by (b), shorter ones by (a).
+
+    Returns:
+        N ints in ``[0, groups)``, numbered in order of first appearance.
+
+    Raises:
+        ConfigError: ``shared_prefix_turns < 1``.
+    """
+    k = int(shared_prefix_turns)
+    if k < 1:
+        raise ConfigError(f"split.shared_prefix_turns must be >= 1, got {k}")
+    parent = list(range(len(dialogues)))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    first_at: dict[Any, int] = {}  # key -> first dialogue holding it
+    turns = [[_turn_key(m) for m in d.messages if m.role != "system"] for d in dialogues]
+    for i, d in enumerate(dialogues):
+        src = d.meta.get("source_dialogue")
+        keys: list[Any] = [("src", str(src))] if src else []
+        t = turns[i]
+        # (b) and the long case of (a): the first k turns; (a) short case: the whole of a dialogue shorter
+        # than k is registered as "short", and every dialogue looks its prefixes shorter than k up there
+        keys.append(("k", tuple(t[:k])) if len(t) >= k else ("short", tuple(t)))
+        for key in keys:
+            union(i, first_at.setdefault(key, i))
+    for i, t in enumerate(turns):
+        for j in range(1, min(len(t), k - 1) + 1):
+            hit = first_at.get(("short", tuple(t[:j])))
+            if hit is not None:
+                union(i, hit)
+    number: dict[int, int] = {}
+    return [number.setdefault(find(i), len(number)) for i in range(len(dialogues))]
+
+
 def _sample(items: list[Dialogue], k: int, rng: random.Random) -> list[Dialogue]:
     """Seeded sample of ``k`` items spread over characters, in their original order.
 
@@ -109,19 +180,35 @@ def split_dialogues(
 ) -> SplitResult:
     """Split dialogues into train / held-out dialogues / held-out characters (see the module docstring).
 
+    Held-out dialogues of a seen character are drawn group by group (:func:`dialogue_groups`), in a
+    seeded order per character: a group is taken when it does not overshoot the character's target
+    ``max(1, round(share * n))`` (at most ``n - 1``) and leaves every character in it at least one
+    training dialogue; when no group fits and nothing is held out yet, the smallest group that keeps
+    that guarantee is taken. With singleton groups this is exactly the per-dialogue target.
+
     Args:
         dialogues: accepted dialogues.
         characters: persona cards (their ``language`` guides the held-out character choice).
         split_params: ``params['split']``: ``heldout_characters``, ``heldout_dialogue_share``, ``seed``,
-            ``max_train_dialogues`` (0 = all), ``max_eval_dialogues`` (0 = all).
+            ``max_train_dialogues`` (0 = all), ``max_eval_dialogues`` (0 = all), ``shared_prefix_turns``
+            (default 2).
+
+    Returns:
+        :class:`SplitResult`; ``report["grouping"]`` counts groups, dialogues in multi-dialogue groups,
+        groups spanning several characters and dialogues pulled to the held-out side with a held-out
+        character.
 
     Raises:
-        ConfigError: a share outside [0, 1).
+        ConfigError: a share outside [0, 1), ``shared_prefix_turns < 1``.
     """
     seed = int(split_params.get("seed", 0))
     share = float(split_params.get("heldout_dialogue_share", 0.15))
     if not 0.0 <= share < 1.0:
         raise ConfigError(f"split.heldout_dialogue_share must be in [0, 1), got {share}")
+    group = dialogue_groups(dialogues, int(split_params.get("shared_prefix_turns", 2)))
+    members: dict[int, list[int]] = defaultdict(list)
+    for i, g in enumerate(group):
+        members[g].append(i)
     by_char: dict[str, list[int]] = defaultdict(list)
     for i, d in enumerate(dialogues):
         by_char[d.character_id].append(i)
@@ -131,18 +218,50 @@ def split_dialogues(
     )
     held_set = set(held_chars)
     label: list[str] = ["train"] * len(dialogues)
+    pulled = 0
+    for g in sorted({group[i] for c in held_chars for i in by_char[c]}):
+        for i in members[g]:
+            if dialogues[i].character_id in held_set:
+                label[i] = "heldout_characters"
+            else:
+                label[i] = "heldout_dialogues"
+                pulled += 1
+    train_left = Counter(dialogues[i].character_id for i, s in enumerate(label) if s == "train")
+    held_n = Counter(dialogues[i].character_id for i, s in enumerate(label) if s == "heldout_dialogues")
+    short: dict[str, int] = {}
+
+    def fits(g: int) -> bool:
+        per = Counter(dialogues[i].character_id for i in members[g])
+        return all(train_left[c] - k >= 1 for c, k in per.items())
+
+    def take(g: int) -> None:
+        for i in members[g]:
+            label[i] = "heldout_dialogues"
+            train_left[dialogues[i].character_id] -= 1
+            held_n[dialogues[i].character_id] += 1
+
     for cid in sorted(by_char):
         ix = by_char[cid]
-        if cid in held_set:
-            for i in ix:
-                label[i] = "heldout_characters"
+        if cid in held_set or len(ix) < 2 or share == 0.0:
             continue
-        if len(ix) < 2 or share == 0.0:
-            continue
-        k = min(len(ix) - 1, max(1, round(share * len(ix))))
-        rng = random.Random(f"{seed}:{cid}")
-        for i in rng.sample(ix, k):
-            label[i] = "heldout_dialogues"
+        target = min(len(ix) - 1, max(1, round(share * len(ix))))
+        cand = sorted({group[i] for i in ix})
+        random.Random(f"{seed}:{cid}").shuffle(cand)
+        for g in cand:
+            need = target - held_n[cid]
+            if need <= 0:
+                break
+            if label[members[g][0]] != "train":
+                continue
+            own = sum(1 for i in members[g] if dialogues[i].character_id == cid)
+            if own <= need and fits(g):
+                take(g)
+        if held_n[cid] == 0:
+            free = [g for g in cand if label[members[g][0]] == "train" and fits(g)]
+            if free:
+                take(min(free, key=lambda g: (len(members[g]), cand.index(g))))
+        if held_n[cid] != target:
+            short[cid] = held_n[cid] - target
     parts: dict[str, list[Dialogue]] = {s: [] for s in SPLITS}
     for d, s in zip(dialogues, label, strict=True):
         parts[s].append(d.model_copy(update={"split": s}))
@@ -156,9 +275,22 @@ def split_dialogues(
     def per_char(ds: list[Dialogue]) -> dict[str, int]:
         return dict(sorted(Counter(d.character_id for d in ds).items()))
 
+    sizes = Counter(group)
     report = {
         "in": len(dialogues),
         "seed": seed,
+        "grouping": {
+            "shared_prefix_turns": int(split_params.get("shared_prefix_turns", 2)),
+            "groups": len(members),
+            "multi_dialogue_groups": sum(1 for n in sizes.values() if n > 1),
+            "dialogues_in_multi_dialogue_groups": sum(n for n in sizes.values() if n > 1),
+            "largest_group": max(sizes.values(), default=0),
+            "multi_character_groups": sum(
+                1 for ix in members.values() if len({dialogues[i].character_id for i in ix}) > 1
+            ),
+            "pulled_with_heldout_characters": pulled,
+            "heldout_dialogues_off_target": dict(sorted(short.items())),
+        },
         "heldout_characters": [
             {
                 "id": c,

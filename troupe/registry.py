@@ -7,9 +7,14 @@
   characters the model was trained and evaluated with (``paths.splits/characters.jsonl``) travel
   with the version: logged as the run's ``characters.jsonl`` artifact and named by the version tags
   ``troupe.characters_uri`` / ``troupe.characters_sha256`` (:mod:`serving.contract`). The gate
-  policy (absolute thresholds + no regression vs the ``champion`` alias) decides; on a pass alias
-  ``challenger`` is set. Decision and reasons are version tags and ``paths.registry`` files
-  (``decision.json``, ``gate.md``).
+  (:func:`gate`) decides on evidence from the :class:`troupe.eval_contract.EvalResult` in
+  ``paths.eval``: thresholds apply to interval bounds, a split with fewer than the policy's ``min_n``
+  replies is "insufficient evidence", and regression against the ``champion`` alias is a paired
+  difference on the same eval set (the champion scored in the same evaluation, else its stored
+  per-item scores when its eval-set hash matches). Outcome ``pass``: alias ``challenger``; ``fail``: no
+  alias; ``insufficient``: no alias, tag ``troupe.gate=insufficient``, exit status 3. The version
+  carries its evidence (tags ``troupe.metrics``, ``troupe.eval_set``, ``troupe.scores_uri``); the
+  decision is ``paths.registry`` ``decision.json`` (the verdicts) and ``gate.md``.
 * ``troupe registry promote`` moves ``champion`` (default: to the current ``challenger``).
 * :func:`resolve_model_dir` turns ``models:/name@alias`` / ``models:/name/<n>`` (or a local dir) into
   a local checkpoint dir, downloading from the version's source (``s3://`` or MLflow artifacts);
@@ -21,9 +26,12 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import operator
+import math
 import os
 import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,70 +41,372 @@ import yaml
 from serving import contract
 from troupe.cli import step_options
 from troupe.config import ConfigError, path_of, repo_path, section
+from troupe.eval_contract import (
+    CHAMPION_MODEL,
+    EVAL_SET_FILE,
+    METRICS_FILE,
+    SAMPLES_FILE,
+    EvalResult,
+    ItemKey,
+    item_key,
+)
+from troupe.stats import (
+    DEFAULT_CONFIDENCE,
+    FAIL,
+    INSUFFICIENT,
+    PASS,
+    Estimate,
+    Verdict,
+    combine,
+    empty,
+    paired_difference,
+    replies_needed,
+    wilson,
+)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 _MODEL_KEY = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
 
 
+#: ``troupe registry register`` exit status when the gate lacks evidence (pass and a decided fail exit 0)
+INSUFFICIENT_EXIT = 3
+#: version tags written on register
+METRICS_TAG, EVAL_SET_TAG, SCORES_URI_TAG, GATE_TAG = (
+    "troupe.metrics",
+    "troupe.eval_set",
+    "troupe.scores_uri",
+    "troupe.gate",
+)
+SCORES_FILE = "scores.jsonl"
+_GATE_TAG_VALUE = {PASS: "passed", FAIL: "failed", INSUFFICIENT: "insufficient"}
+#: lower-is-better metrics the evaluator may emit beyond troupe.evaluate.LOWER_IS_BETTER (used only
+#: for a ``no_regression.metrics`` list entry whose direction the policy does not state)
+_LOWER_EXTRA = frozenset({"in_reply_repetition", "truncated", "empty_reply", "perplexity"})
+_DIRECTIONS = ("higher", "lower")
+
+
 def load_policy(path: str | Path) -> dict[str, Any]:
-    """Read a gate policy YAML (see configs/gate_policy.yaml); ConfigError naming the file/field."""
+    """Read and check a gate policy YAML (see configs/gate_policy.yaml).
+
+    Returns the policy with defaults filled in: ``candidate`` (dpo), ``confidence`` (0.95), ``min_n``
+    (0), ``no_regression.margin`` (0.0; ``max_regression`` is read as its old name) and
+    ``no_regression.metrics`` as ``{split.metric: "higher" | "lower"}``.
+
+    Raises:
+        ConfigError: missing file, or a field that does not parse (names the file and the field).
+    """
     p = repo_path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: gate policy not found (registry.gate_policy)")
     pol = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(pol, dict):
+        raise ConfigError(f"{p}: a gate policy is a mapping")
+    pol.setdefault("candidate", "dpo")
+    conf = pol.setdefault("confidence", DEFAULT_CONFIDENCE)
+    if not isinstance(conf, int | float) or not 0 < conf < 1:
+        raise ConfigError(f"{p}: confidence: expected a number in (0, 1), got {conf!r}")
+    min_n = pol.setdefault("min_n", 0)
+    if not isinstance(min_n, int) or isinstance(min_n, bool) or min_n < 0:
+        raise ConfigError(f"{p}: min_n: expected an integer >= 0, got {min_n!r}")
     for key, rule in (pol.get("absolute") or {}).items():
-        if not isinstance(rule, dict) or not set(rule) <= {"min", "max"} or not rule:
-            raise ConfigError(f"{p}: absolute.{key}: expected {{min: x}} and/or {{max: y}}")
+        if (
+            not isinstance(rule, dict)
+            or not rule
+            or not set(rule) <= {"min", "max", "min_n"}
+            or not {"min", "max"} & set(rule)
+            or any(not isinstance(rule[b], int | float) for b in rule)
+            or len(str(key).split(".")) != 2
+        ):
+            raise ConfigError(
+                f"{p}: absolute.{key}: expected split.metric: {{min: x}} and/or {{max: y}} (optional min_n)"
+            )
+    nr = pol.get("no_regression") or {}
+    margin = nr.get("margin", nr.get("max_regression", 0.0))
+    if not isinstance(margin, int | float) or margin < 0:
+        raise ConfigError(f"{p}: no_regression.margin: expected a number >= 0, got {margin!r}")
+    metrics = nr.get("metrics") or {}
+    if isinstance(metrics, list):  # direction from the absolute rule on the same key, else the lists
+        metrics = {k: _direction(k, pol) for k in metrics}
+    if not isinstance(metrics, dict) or any(d not in _DIRECTIONS for d in metrics.values()):
+        raise ConfigError(f"{p}: no_regression.metrics: expected {{split.metric: higher|lower}}")
+    pol["no_regression"] = {"margin": float(margin), "metrics": metrics}
     return pol
 
 
-def _get(metrics: dict[str, Any], dotted: str) -> float | None:
-    node: Any = metrics
-    for k in dotted.split("."):
-        if not isinstance(node, dict) or k not in node:
-            return None
-        node = node[k]
-    return float(node)
-
-
-def gate(
-    candidate: dict[str, Any], policy: dict[str, Any], champion: dict[str, Any] | None
-) -> tuple[bool, list[str]]:
-    """Apply ``policy`` to ``candidate`` metrics (``{split: {metric: v}}``).
-
-    Returns:
-        (passed, reasons): one reason line per check, prefixed ``PASS`` or ``FAIL``. A metric missing
-        from the candidate fails its check. Regression direction uses
-        :data:`troupe.evaluate.LOWER_IS_BETTER`.
-    """
+def _direction(key: str, policy: dict[str, Any]) -> str:
+    rule = (policy.get("absolute") or {}).get(key) or {}
+    if "min" in rule or "max" in rule:
+        return "higher" if "min" in rule else "lower"
     from troupe.evaluate import LOWER_IS_BETTER
 
-    reasons, ok = [], True
-    for key, rule in (policy.get("absolute") or {}).items():
-        v = _get(candidate, key)
-        for bound, op, sym in (("min", operator.ge, ">="), ("max", operator.le, "<=")):
-            if bound not in rule:
-                continue
-            good = v is not None and op(v, float(rule[bound]))
-            ok &= good
-            reasons.append(
-                f"{'PASS' if good else 'FAIL'} {key} = {v if v is None else round(v, 4)} {sym} {rule[bound]}"
-            )
-    nr = policy.get("no_regression") or {}
-    if champion is None:
-        reasons.append("PASS no champion yet: regression check skipped")
+    return "lower" if key.split(".")[-1] in LOWER_IS_BETTER | _LOWER_EXTRA else "higher"
+
+
+@dataclass
+class Champion:
+    """The model version holding the ``champion`` alias, as the gate sees it.
+
+    Attributes:
+        version: its version number.
+        eval_set: ``{split: sha256}`` of the eval set its stored scores came from (version tag
+            ``troupe.eval_set``; empty when registered before eval sets were recorded).
+        scores: loads its stored per-item scores (``scores.jsonl`` rows: split, dialogue_id, turn,
+            scores); None when it has none. Called only when the sets match.
+    """
+
+    version: str
+    eval_set: dict[str, str] = field(default_factory=dict)
+    scores: Callable[[], list[dict[str, Any]]] | None = None
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.3f}"
+
+
+def _split_replies(result: EvalResult, model: str, split: str) -> int:
+    """Replies of ``model`` on ``split``: its samples there, else eval_set ``items``, else the largest
+    n among its rate estimates of that split."""
+    n = sum(1 for s in result.samples if s.get("model") == model and s.get("split") == split)
+    if n:
+        return n
+    entry = result.eval_set.get(split)
+    if isinstance(entry, dict) and entry.get("items"):
+        return int(entry["items"])
+    ests = result.metrics.get(model, {}).get(split, {}).values()
+    return max((e.n for e in ests if e.k is not None), default=0)
+
+
+def _at_confidence(e: Estimate, confidence: float) -> Estimate:
+    """A rate recomputed at the policy's confidence (Wilson, from k and n); other estimates as they are."""
+    if e.k is not None and e.n and e.method == "wilson" and e.confidence != confidence:
+        return wilson(e.k, e.n, confidence)
+    return e
+
+
+def _scaled_more(e: Estimate, distance: float) -> int | None:
+    """For an interval without a count: how many more observations until its half-width shrinks to
+    ``distance`` (half-width ~ 1/sqrt(n)); None when it never would."""
+    half = (e.hi - e.lo) / 2
+    if distance <= 0 or not e.n or math.isnan(half):
+        return None
+    return max(math.ceil(e.n * (half / distance) ** 2) - e.n, 1)
+
+
+def _absolute(
+    key: str, bound: str, threshold: float, e: Estimate | None, replies: int, min_n: int, conf: float
+) -> Verdict:
+    """One absolute rule on interval bounds: ``min``: lo >= t passes, hi < t fails; ``max``: hi <= t
+    passes, lo > t fails; otherwise, or with fewer than ``min_n`` replies, insufficient."""
+    sym = ">=" if bound == "min" else "<="
+    side = "lo" if bound == "min" else "hi"
+    rule = f"{key}: {side} {sym} {threshold:g} (n >= {min_n}, {round(conf * 100)}% interval)"
+    if e is None:
+        return Verdict(
+            INSUFFICIENT, rule, empty(conf),
+            f"not measured: metrics.json has no {key} for the candidate (re-run `troupe evaluate`, or check the name)",
+        )  # fmt: skip
+    e = _at_confidence(e, conf)
+    if not e.n or math.isnan(e.value):
+        return Verdict(
+            INSUFFICIENT, rule, e,
+            "no sample size or interval (a metrics.json written before estimates): re-run `troupe evaluate`",
+        )  # fmt: skip
+    if math.isnan(e.lo) or math.isnan(e.hi):
+        return Verdict(INSUFFICIENT, rule, e, "no interval (one dialogue only): evaluate more dialogues")
+    lo, hi = e.lo, e.hi
+    passes = lo >= threshold if bound == "min" else hi <= threshold
+    fails = hi < threshold if bound == "min" else lo > threshold
+    if replies < min_n:
+        lean = " (the interval already lies on the failing side)" if fails else ""
+        lean = " (the interval already clears the threshold)" if passes else lean
+        return Verdict(
+            INSUFFICIENT, rule, e,
+            f"{replies} replies on {key.split('.')[0]}, below min_n {min_n}: {min_n - replies} more replies needed{lean}",
+        )  # fmt: skip
+    where = f"{e.value:.3f} [{_fmt(lo)}, {_fmt(hi)}]"
+    if passes:
+        return Verdict(PASS, rule, e, f"{where}: {side} {sym} {threshold:g}")
+    if fails:
+        return Verdict(FAIL, rule, e, f"{where}: the whole interval is beyond {threshold:g}")
+    # straddles: how many more replies at the observed rate until it clears either way
+    good_side = e.value >= threshold if bound == "min" else e.value <= threshold
+    if e.k is not None:
+        to = side if good_side else ("hi" if bound == "min" else "lo")
+        more = replies_needed(e.k, e.n, threshold, to, conf)
     else:
-        slack = float(nr.get("max_regression", 0.0))
-        for key in nr.get("metrics", []):
-            v, c = _get(candidate, key), _get(champion, key)
-            if c is None:
-                reasons.append(f"PASS {key}: champion has no value")
-                continue
-            lower = key.split(".")[-1] in LOWER_IS_BETTER
-            good = v is not None and (v <= c + slack if lower else v >= c - slack)
-            ok &= good
-            reasons.append(f"{'PASS' if good else 'FAIL'} {key} = {v} vs champion {c} (slack {slack})")
-    return ok, reasons
+        more = _scaled_more(e, abs(e.value - threshold))
+    outcome = "pass" if good_side else "fail"
+    need = f"about {more} more replies at the observed rate until it would {outcome}" if more else (
+        "more replies at the observed rate would not settle it (the point estimate is on the threshold)"
+    )  # fmt: skip
+    return Verdict(INSUFFICIENT, rule, e, f"{where} straddles {threshold:g}: {need}")
+
+
+_Pairing = tuple[Callable[[str], dict[ItemKey, float]] | None, set[ItemKey], str]
+
+
+def _pair_source(result: EvalResult, champion: Champion, split: str) -> _Pairing:
+    """Where the champion's per-item scores on ``split`` come from: (metric -> scores, the items it
+    was scored on, description), or (None, empty, why not)."""
+    ev_version = result.eval_set.get("champion_version")
+    champ_keys = {
+        item_key(s) for s in result.samples if s.get("model") == CHAMPION_MODEL and s.get("split") == split
+    }
+    in_result = bool(champ_keys)
+    if in_result and ev_version is not None and str(ev_version) == str(champion.version):
+        return (
+            lambda m: {k: v for k, v in result.scores(CHAMPION_MODEL, m).items() if k[0] == split},
+            champ_keys,
+            f"champion v{champion.version} scored in this evaluation",
+        )
+    stale = (
+        f"this evaluation scored champion version {ev_version}, but the alias points at {champion.version}; "
+        if in_result
+        else ""
+    )
+    entry = result.eval_set.get(split)
+    mine = entry.get("sha256") if isinstance(entry, dict) else None
+    theirs = champion.eval_set.get(split)
+    if mine and theirs == mine and champion.scores is not None:
+        rows = [r for r in champion.scores() if r.get("split") == split]
+        if rows:
+
+            def stored(m: str) -> dict[ItemKey, float]:
+                return {
+                    item_key(r): float(r["scores"][m])
+                    for r in rows
+                    if (r.get("scores") or {}).get(m) is not None
+                }
+
+            keys = {item_key(r) for r in rows}
+            return (
+                stored,
+                keys,
+                f"champion v{champion.version}'s stored scores on the same eval set ({mine[:12]})",
+            )
+    fix = "add `champion` to eval.models so `troupe evaluate` scores it on this eval set"
+    if not mine:
+        return (
+            None,
+            set(),
+            f"{stale}this evaluation recorded no eval-set hash for {split} (eval_set.json): re-run `troupe evaluate`",
+        )
+    if not theirs:
+        return (
+            None,
+            set(),
+            f"{stale}champion v{champion.version} has no stored scores for {split} (registered before eval sets were recorded): {fix}",
+        )
+    if theirs != mine:
+        return (
+            None,
+            set(),
+            (
+                f"{stale}champion v{champion.version} was scored on another eval set ({theirs[:12]}, this one "
+                f"{mine[:12]}): {fix}"
+            ),
+        )
+    return None, set(), f"{stale}champion v{champion.version}'s stored scores cannot be read: {fix}"
+
+
+def _regression(
+    key: str,
+    direction: str,
+    margin: float,
+    diff: Estimate,
+    replies: int,
+    source: str,
+    min_n: int,
+    conf: float,
+) -> Verdict:
+    """Paired difference (candidate - champion) against ``margin``: pass when the bad-side bound is
+    within the margin (non-inferiority), fail when the whole interval is beyond it, else insufficient
+    (also when fewer than ``min_n`` replies of the split were scored by both)."""
+    higher = direction == "higher"
+    rule = (
+        f"{key}: candidate - champion {'lo >= ' + format(-margin, 'g') if higher else 'hi <= ' + format(margin, 'g')}"
+        f" (paired, n >= {min_n}, {round(conf * 100)}% interval)"
+    )
+    if not diff.n:
+        return Verdict(INSUFFICIENT, rule, diff, f"no item scored by both ({source})")
+    if replies < min_n:
+        return Verdict(
+            INSUFFICIENT, rule, diff,
+            f"{replies} replies scored by both, below min_n {min_n}: {min_n - replies} more needed ({source})",
+        )  # fmt: skip
+    if math.isnan(diff.lo) or math.isnan(diff.hi):
+        return Verdict(INSUFFICIENT, rule, diff, f"no interval (one dialogue only; {source})")
+    where = (
+        f"difference {diff.value:+.3f} [{diff.lo:+.3f}, {diff.hi:+.3f}] over {diff.n} paired items ({source})"
+    )
+    bad_bound, far_bound = (diff.lo, diff.hi) if higher else (-diff.hi, -diff.lo)  # in "higher" terms
+    if bad_bound >= -margin:
+        return Verdict(PASS, rule, diff, f"{where}: no regression beyond {margin:g}")
+    if far_bound < -margin:
+        return Verdict(FAIL, rule, diff, f"{where}: worse than the champion by more than {margin:g}")
+    value = diff.value if higher else -diff.value
+    more = _scaled_more(diff, value + margin) if value + margin > 0 else None
+    need = (
+        f"about {more} more paired items until it would pass"
+        if more
+        else "more items would likely confirm a regression"
+    )
+    return Verdict(INSUFFICIENT, rule, diff, f"{where}: interval crosses the margin {margin:g}; {need}")
+
+
+def gate(result: EvalResult, policy: dict[str, Any], champion: Champion | None) -> list[Verdict]:
+    """Apply ``policy`` (from :func:`load_policy`) to the candidate's estimates in ``result``.
+
+    Absolute rules read interval bounds at the policy's confidence; a split with fewer than ``min_n``
+    candidate replies gives "insufficient" for its rules. Regression rules compare the candidate with
+    ``champion`` paired, item by item, on the same eval set: the champion scored in ``result`` (model
+    ``champion`` with ``eval_set.json`` ``champion_version`` equal to ``champion.version``), else its
+    stored scores when its stored eval-set hash equals this one; otherwise the check is insufficient.
+
+    Returns:
+        one :class:`troupe.stats.Verdict` per rule bound and regression metric; the overall outcome is
+        :func:`troupe.stats.combine` of them.
+    """
+    cand = policy.get("candidate", "dpo")
+    conf = float(policy.get("confidence", DEFAULT_CONFIDENCE))
+    min_n = int(policy.get("min_n", 0))
+    metrics = result.metrics.get(cand, {})
+    out = []
+    for key, rule in (policy.get("absolute") or {}).items():
+        split, metric = key.split(".", 1)
+        e = metrics.get(split, {}).get(metric)
+        replies = _split_replies(result, cand, split)
+        for bound in ("min", "max"):
+            if bound in rule:
+                out.append(
+                    _absolute(key, bound, float(rule[bound]), e, replies, int(rule.get("min_n", min_n)), conf)
+                )
+    nr = policy.get("no_regression") or {}
+    reg = nr.get("metrics") or {}
+    if isinstance(reg, list):
+        reg = {k: _direction(k, policy) for k in reg}
+    margin = float(nr.get("margin", nr.get("max_regression", 0.0)))
+    if reg and champion is None:
+        out.append(Verdict(PASS, "no_regression", empty(conf), "no champion yet: regression check skipped"))
+        return out
+    sources: dict[str, _Pairing] = {}
+    for key, direction in reg.items():
+        split, metric = key.split(".", 1)
+        if split not in sources:
+            sources[split] = _pair_source(result, champion, split)
+        load, champ_keys, source = sources[split]
+        if load is None:
+            rule = f"{key}: paired vs champion v{champion.version}"
+            out.append(Verdict(INSUFFICIENT, rule, empty(conf), source))
+            continue
+        mine = {k: v for k, v in result.scores(cand, metric).items() if k[0] == split}
+        diff = paired_difference(mine, load(metric), cluster_of=lambda k: (k[0], k[1]), confidence=conf)
+        cand_keys = {
+            item_key(s) for s in result.samples if s.get("model") == cand and s.get("split") == split
+        }
+        replies = len(cand_keys & champ_keys)
+        out.append(_regression(key, direction, margin, diff, replies, source, min_n, conf))
+    return out
 
 
 def _client():
@@ -108,15 +418,30 @@ def _client():
     return mlflow.MlflowClient()
 
 
-def _champion_metrics(client, name: str) -> tuple[str | None, dict[str, Any] | None]:
+def _champion(client, name: str, tmp: Path) -> Champion | None:
+    """The version holding ``champion`` with its stored eval-set hashes and (lazily) its scores."""
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None, None
-    raw = mv.tags.get("troupe.metrics")
-    return mv.version, json.loads(raw) if raw else None
+        return None
+    try:
+        eval_set = json.loads(mv.tags.get(EVAL_SET_TAG) or "{}")
+    except json.JSONDecodeError:
+        eval_set = {}
+    uri = mv.tags.get(SCORES_URI_TAG)
+
+    def scores() -> list[dict[str, Any]]:
+        import mlflow
+
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        except Exception:  # unreadable stored scores: the regression check says so (insufficient)
+            return []
+        return [json.loads(x) for x in got.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+    return Champion(str(mv.version), eval_set if isinstance(eval_set, dict) else {}, scores if uri else None)
 
 
 def _location(params: dict[str, Any], key: str) -> str:
@@ -127,42 +452,144 @@ def _location(params: dict[str, Any], key: str) -> str:
     return str(paths[key])
 
 
+def _read_eval(loc: str, tmp: Path) -> EvalResult:
+    """The :class:`EvalResult` at ``loc`` (a local directory or a URI, downloaded to ``tmp``)."""
+    from troupe import storage
+
+    metrics_loc = storage.join(loc, METRICS_FILE)
+    if not storage.exists(metrics_loc):
+        raise ConfigError(f"{metrics_loc}: not found (run `troupe evaluate` first)")
+    local = Path(loc.removeprefix("file://")) if not storage.is_remote(loc) else tmp / "eval"
+    if storage.is_remote(loc):
+        for f in (METRICS_FILE, EVAL_SET_FILE, SAMPLES_FILE):
+            if storage.exists(storage.join(loc, f)):
+                storage.download(storage.join(loc, f), local / f)
+    try:
+        return EvalResult.read(local)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _report(verdicts: list[Verdict], status: str, head: str, alias_line: str) -> str:
+    """gate.md: the outcome, then one row per verdict with n, the interval, the rule and the detail."""
+    title = {PASS: "PASSED", FAIL: "FAILED", INSUFFICIENT: "INSUFFICIENT EVIDENCE"}[status]
+    md = [f"# Gate decision: {title}", "", head, "", "| verdict | rule | value | n | interval | detail |"]
+    md.append("|---|---|---|---|---|---|")
+    for v in verdicts:
+        e = v.estimate
+        interval = f"[{_fmt(e.lo)}, {_fmt(e.hi)}] {round(e.confidence * 100)}% {e.method}" if e.n else "-"
+        cells = [v.status.upper(), f"`{v.rule}`", _fmt(e.value) if e.n else "-", str(e.n), interval, v.detail]
+        md.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    md += ["", alias_line]
+    if status == INSUFFICIENT:
+        md += [
+            "",
+            "Insufficient evidence is neither a pass nor a fail: evaluate more replies (see the details) "
+            f"and register again; `troupe registry register` exits {INSUFFICIENT_EXIT}.",
+        ]
+    return "\n".join(md) + "\n"
+
+
+def _compact(metrics: dict[str, dict[str, Estimate]]) -> dict[str, Any]:
+    """``{split: {metric: {value, n, lo, hi[, k]}}}`` rounded to 4 places (the version tag)."""
+
+    def r(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 4)
+
+    return {
+        split: {
+            m: {
+                "value": r(e.value),
+                "n": e.n,
+                "lo": r(e.lo),
+                "hi": r(e.hi),
+                **({"k": e.k} if e.k is not None else {}),
+            }
+            for m, e in ms.items()
+        }
+        for split, ms in metrics.items()
+    }
+
+
 def register(params: dict[str, Any]) -> dict[str, Any]:
     """Register and gate the candidate model with its characters; returns the decision dict (also
-    written to ``paths.registry``).
+    written to ``paths.registry``: ``decision.json`` and ``gate.md``).
+
+    The version carries its evidence: ``troupe.metrics`` (estimates), ``troupe.eval_set`` (``{split:
+    sha256}``) and ``troupe.scores_uri`` (the candidate's per-item scores, an MLflow artifact) so a later
+    candidate scored on the same set is compared with it paired. Outcome ``pass``: alias ``challenger``;
+    ``fail``: no alias; ``insufficient``: no alias, tag ``troupe.gate=insufficient``.
 
     Raises:
         ConfigError: missing metrics.json / candidate model / characters / policy (storage errors
             name the location and the reason before anything is registered).
     """
+    import tempfile
+
+    from troupe import storage
+
+    reg = section(params, "registry")
+    policy = load_policy(reg.get("gate_policy", "configs/gate_policy.yaml"))
+    cand_name = policy["candidate"]
+    eval_loc = _location(params, "eval")
+    with tempfile.TemporaryDirectory(prefix="troupe-gate-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        result = _read_eval(eval_loc, tmp)
+        if cand_name not in result.metrics:
+            raise ConfigError(
+                f"{storage.join(eval_loc, METRICS_FILE)}: no metrics for candidate {cand_name!r} (gate policy `candidate`)"
+            )
+        if cand_name not in _MODEL_KEY:
+            raise ConfigError(f"gate policy candidate {cand_name!r}: expected one of {sorted(_MODEL_KEY)}")
+        model_loc = _location(params, _MODEL_KEY[cand_name])
+        storage.check_readable(model_loc, f"paths.{_MODEL_KEY[cand_name]} (candidate model)", kind="dir")
+        if not storage.exists(storage.join(model_loc, "config.json")):
+            raise ConfigError(f"{model_loc}: no config.json (not a model checkpoint directory)")
+        chars_loc = storage.join(_location(params, "splits"), contract.CHARACTERS_FILE)
+        storage.check_readable(
+            chars_loc, "paths.splits/characters.jsonl (characters of the model)", kind="file"
+        )
+        chars_text = storage.read_text(chars_loc)
+        chars_sha = hashlib.sha256(chars_text.encode("utf-8")).hexdigest()
+        out = path_of(params, "registry")
+        out.mkdir(parents=True, exist_ok=True)
+        name = reg.get("model_name", "troupe-roleplay")
+        champion = _champion(_client(), name, tmp / "champion")
+        verdicts = gate(result, policy, champion)
+        decision = _record(params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out)
+    click.echo((out / "gate.md").read_text())
+    return decision
+
+
+def _record(
+    params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out
+) -> dict[str, Any]:
+    """Log the register run, create the version with its evidence, set tags/alias, write the files."""
     import mlflow
 
     from troupe import storage
     from troupe.tracking import step_run
 
     reg = section(params, "registry")
-    policy = load_policy(reg.get("gate_policy", "configs/gate_policy.yaml"))
-    cand_name = policy.get("candidate", "dpo")
-    metrics_loc = storage.join(_location(params, "eval"), "metrics.json")
-    if not storage.exists(metrics_loc):
-        raise ConfigError(f"{metrics_loc}: not found (run `troupe evaluate` first)")
-    all_metrics = json.loads(storage.read_text(metrics_loc))
-    if cand_name not in all_metrics:
-        raise ConfigError(f"{metrics_loc}: no metrics for candidate {cand_name!r} (gate policy `candidate`)")
-    model_loc = _location(params, _MODEL_KEY[cand_name])
-    storage.check_readable(model_loc, f"paths.{_MODEL_KEY[cand_name]} (candidate model)", kind="dir")
-    if not storage.exists(storage.join(model_loc, "config.json")):
-        raise ConfigError(f"{model_loc}: no config.json (not a model checkpoint directory)")
-    chars_loc = storage.join(_location(params, "splits"), contract.CHARACTERS_FILE)
-    storage.check_readable(chars_loc, "paths.splits/characters.jsonl (characters of the model)", kind="file")
-    chars_text = storage.read_text(chars_loc)
-    chars_sha = hashlib.sha256(chars_text.encode("utf-8")).hexdigest()
-    out = path_of(params, "registry")
-    out.mkdir(parents=True, exist_ok=True)
     name = reg.get("model_name", "troupe-roleplay")
+    cand_name = policy["candidate"]
     client = _client()
-    champ_version, champ_metrics = _champion_metrics(client, name)
-    passed, reasons = gate(all_metrics[cand_name], policy, champ_metrics)
+    status = combine(verdicts)
+    passed = status == PASS
+    cand_metrics = result.metrics[cand_name]
+    eval_hashes = {
+        s: v["sha256"] for s, v in result.eval_set.items() if isinstance(v, dict) and v.get("sha256")
+    }
+    score_rows = [
+        {
+            "split": s["split"],
+            "dialogue_id": s["dialogue_id"],
+            "turn": s["turn"],
+            "scores": s.get("scores") or {},
+        }
+        for s in result.samples
+        if s.get("model") == cand_name
+    ]
     with step_run(params, "register", ("registry",)) as run:
         if storage.is_remote(model_loc):
             source = model_loc.rstrip("/")  # MLflow registers the model from its URI; no copy
@@ -170,20 +597,31 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
             mlflow.log_artifacts(str(model_loc), artifact_path="model")
             source = f"{run.info.artifact_uri}/model"
         mlflow.log_text(chars_text, contract.CHARACTERS_FILE)
+        all_metrics = {
+            m: {s: {k: e.to_dict() for k, e in ms.items()} for s, ms in splits.items()}
+            for m, splits in result.metrics.items()
+        }
         mlflow.log_dict(all_metrics, "metrics.json")
+        mlflow.log_dict(result.eval_set, f"eval/{EVAL_SET_FILE}")
+        mlflow.log_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in score_rows), f"eval/{SCORES_FILE}"
+        )
         if not _exists(client, name):
             client.create_registered_model(name, description="Troupe role-play character model")
-        mv = client.create_model_version(
-            name,
-            source=source,
-            run_id=run.info.run_id,
-            tags={
-                "troupe.candidate": cand_name,
-                "troupe.metrics": json.dumps(all_metrics[cand_name])[:5000],
-                contract.CHARACTERS_URI_TAG: f"{run.info.artifact_uri}/{contract.CHARACTERS_FILE}",
-                contract.CHARACTERS_SHA256_TAG: chars_sha,
-            },
-        )
+        tags = {
+            "troupe.candidate": cand_name,
+            EVAL_SET_TAG: json.dumps(eval_hashes),
+            contract.CHARACTERS_URI_TAG: f"{run.info.artifact_uri}/{contract.CHARACTERS_FILE}",
+            contract.CHARACTERS_SHA256_TAG: chars_sha,
+            "troupe.metrics_uri": f"{run.info.artifact_uri}/metrics.json",
+        }
+        if score_rows:
+            tags[SCORES_URI_TAG] = f"{run.info.artifact_uri}/eval/{SCORES_FILE}"
+        compact = json.dumps(_compact(cand_metrics), separators=(",", ":"))
+        if len(compact) <= 8000:  # MLflow's tag value limit; the full estimates are the metrics.json artifact
+            tags[METRICS_TAG] = compact
+        mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags)
+        counts = {s: sum(v.status == s for v in verdicts) for s in (PASS, FAIL, INSUFFICIENT)}
         decision = {
             "model_name": name,
             "version": mv.version,
@@ -191,29 +629,39 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
             "source": source,
             "characters_sha256": chars_sha,
             "candidate": cand_name,
+            "status": status,
             "passed": passed,
-            "reasons": reasons,
-            "champion_version": champ_version,
+            "counts": counts,
+            "confidence": policy.get("confidence"),
+            "min_n": policy.get("min_n"),
+            "verdicts": [v.to_dict() for v in verdicts],
+            "reasons": [f"{v.status.upper()} {v.rule}: {v.detail}" for v in verdicts],
+            "eval_set": eval_hashes,
+            "champion_version": champion.version if champion else None,
             "run_id": run.info.run_id,
             "alias": CHALLENGER if passed else None,
         }
-        client.set_model_version_tag(name, mv.version, "troupe.gate", "passed" if passed else "failed")
-        client.set_model_version_tag(name, mv.version, "troupe.gate_reasons", "\n".join(reasons)[:5000])
-        mlflow.set_tags({"troupe.gate": "passed" if passed else "failed", "troupe.model_version": mv.version})
+        gate_value = _GATE_TAG_VALUE[status]
+        client.set_model_version_tag(name, mv.version, GATE_TAG, gate_value)
+        client.set_model_version_tag(
+            name, mv.version, "troupe.gate_reasons", "\n".join(decision["reasons"])[:5000]
+        )
+        mlflow.set_tags({GATE_TAG: gate_value, "troupe.model_version": mv.version})
         if passed:
             client.set_registered_model_alias(name, CHALLENGER, mv.version)
-        md = [
-            f"# Gate decision: {'PASSED' if passed else 'FAILED'}",
-            "",
-            f"Model `{name}` version {mv.version} ({cand_name}) from `{source}`; champion: {champ_version or 'none'}.",
-            "",
-        ]
-        md += [f"- {r}" for r in reasons]
-        md += ["", f"Alias `{CHALLENGER}` set." if passed else "No alias set."]
-        (out / "gate.md").write_text("\n".join(md) + "\n")
-        (out / "decision.json").write_text(json.dumps(decision, indent=2))
+        head = (
+            f"Model `{name}` version {mv.version} ({cand_name}) from `{source}`; champion: "
+            f"{'v' + champion.version if champion else 'none'}; policy: {round(float(policy['confidence']) * 100)}% "
+            f"intervals, min_n {policy['min_n']} replies per split; "
+            f"{counts[PASS]} pass, {counts[FAIL]} fail, {counts[INSUFFICIENT]} insufficient."
+        )
+        alias_line = f"Alias `{CHALLENGER}` set." if passed else "No alias set."
+        (out / "gate.md").write_text(_report(verdicts, status, head, alias_line), encoding="utf-8")
+        (out / "decision.json").write_text(
+            json.dumps(decision, indent=2, ensure_ascii=False), encoding="utf-8"
+        )
         mlflow.log_artifact(str(out / "gate.md"))
-    click.echo("\n".join(md))
+        mlflow.log_artifact(str(out / "decision.json"))
     return decision
 
 
@@ -383,8 +831,19 @@ def registry_cli() -> None:
 @registry_cli.command("register")
 @step_options
 def register_cmd(params: dict) -> None:
-    """Log + register the candidate, apply the gate policy, set alias challenger on pass."""
-    register(params)
+    """Log + register the candidate, apply the gate policy, set alias challenger on pass.
+
+    Exit status: 0 when the gate decided (pass, or fail: read decision.json / gate.md), 3 when the
+    evidence is insufficient (the version is registered and tagged ``troupe.gate=insufficient``, no alias).
+    """
+    decision = register(params)
+    if decision["status"] == INSUFFICIENT:
+        click.echo(
+            f"gate: insufficient evidence for version {decision['version']} (exit {INSUFFICIENT_EXIT}); "
+            "see gate.md for how many more replies each check needs",
+            err=True,
+        )
+        sys.exit(INSUFFICIENT_EXIT)  # not click's Exit: troupe.cli.main runs click non-standalone
 
 
 @registry_cli.command("promote")

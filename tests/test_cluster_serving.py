@@ -47,7 +47,7 @@ from tests.cluster_box import (
     wait_app_running,
 )
 from tests.serve_fixtures import CHARACTERS, characters_file, tiny_model
-from tests.test_registry import GOOD  # metrics that pass configs/gate_policy.yaml
+from tests.test_registry import GOOD_EVAL_FILES  # an evaluation that passes configs/gate_policy.yaml
 
 pytestmark = pytest.mark.timeout(900)
 s3, mlflow_server, ray_cluster = (
@@ -82,7 +82,8 @@ def registered(s3, mlflow_server, tmp_path_factory) -> list[dict[str, Any]]:
         for n in (1, 2):
             run = s3.uri("runs", f"box-{n}")
             storage.upload(tiny_model(), storage.join(run, "dpo"))
-            storage.write_text(storage.join(run, "eval", "metrics.json"), json.dumps({"dpo": GOOD}))
+            for f, text in GOOD_EVAL_FILES.items():  # v2 pairs with v1's stored scores on the same set
+                storage.write_text(storage.join(run, "eval", f), text)
             splits = d / f"splits-{n}"
             splits.mkdir()
             chars = characters_file(splits)
@@ -210,7 +211,7 @@ def test_production_key_gets_an_in_character_reply(served):
         Limits.from_dict(cfg["gateway"]["limits"]),
     )
     backend = TransformersBackend(tiny_model(), prefix_cache_bytes=0)
-    prefix, suffix = backend._texts(prompt)
+    prefix, suffix = backend.gen.texts(prompt)
     assert r.usage.prompt_tokens == len(backend._ids(prefix)) + len(backend._ids(suffix))
 
     for bad in ("", "sk-wrong"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -34,16 +35,56 @@ def test_rule_metrics_count_each_violation():
         _s("max", "d3", "Max: sure thing<emotion>joy</emotion>"),  # name prefix + bad markup
         _s("lin", "d4", "今天的花很好看呢，要不要来看看？", ref="今天的花很好看呢，要不要来看看？"),
     ]
+    for turn, s in enumerate(samples):
+        s["turn"] = turn
     m = score_replies(samples, CHARS)
-    assert m["replies"] == 5
-    assert m["assistant_leakage"] == pytest.approx(1 / 5)
-    assert m["name_prefix"] == pytest.approx(1 / 5)
-    assert m["markup_validity"] == pytest.approx(4 / 5)
-    assert m["self_repetition"] == pytest.approx(1 / 5)
-    assert m["language_consistency"] == 1.0
-    assert 0 < m["rouge_l"] < 1 and m["bleu"] > 0
+    assert m["language_consistency"].n == 5
+    assert m["assistant_leakage"].k == 1 and m["name_prefix"].k == 1
+    # markup validity is judged on the replies that carry tags only; the tag rate is its own metric
+    assert (m["markup_validity"].k, m["markup_validity"].n) == (1, 2)
+    assert (m["tag_rate"].k, m["tag_rate"].n) == (2, 5)
+    assert m["self_repetition"].k == 1
+    assert 0 < m["rouge_l"].value < 1 and m["bleu"].value > 0
+    for e in m.values():  # every metric carries its n and an interval around the value
+        assert e.n > 0 and e.lo <= e.value <= e.hi, e
     wrong_lang = score_replies([_s("lin", "d5", "Sure, the flowers are lovely today, come see them!")], CHARS)
-    assert wrong_lang["language_consistency"] == 0.0
+    assert wrong_lang["language_consistency"].value == 0.0
+
+
+def test_a_reply_whose_language_cannot_be_identified_is_not_consistent():
+    """A zh character answering with a short English phrase py3langid cannot place does not pass."""
+    from troupe.checks import detect_language
+
+    assert detect_language("Sure thing buddy") != "zh"
+    m = score_replies([_s("lin", "d1", "Sure thing buddy"), _s("lin", "d2", "嗯")], CHARS)
+    assert m["language_consistency"].k == 0 and m["language_consistency"].n == 2
+
+
+def test_an_untagged_model_cannot_pass_on_markup_validity():
+    """Replies without tags used to count as valid markup; now they leave markup validity unmeasured
+    (n = 0) and show as a zero tag rate."""
+    m = score_replies([_s("max", f"d{i}", "We fly at dawn, want to come along?") for i in range(30)], CHARS)
+    assert m["markup_validity"].n == 0 and m["tag_rate"].value == 0.0 and m["tag_rate"].n == 30
+
+
+def test_replies_looping_inside_themselves_are_measured():
+    loop = _s("max", "d1", "I love flying. I love flying. I love flying. I love flying. I love flying.")
+    fine = _s("max", "d2", "We fly at dawn, want to come along? The plane is fuelled and ready.")
+    m = score_replies([loop, fine], CHARS)
+    assert (m["in_reply_repetition"].k, m["in_reply_repetition"].n) == (1, 2)
+
+
+def test_intervals_narrow_with_n():
+    """Same observed rate, ten times the replies: the Wilson interval is narrower and still covers it."""
+    few = score_replies(
+        [_s("max", f"d{i}", "As an AI, no." if i < 2 else "Sure, let's go.") for i in range(10)], CHARS
+    )
+    many = score_replies(
+        [_s("max", f"d{i}", "As an AI, no." if i % 10 < 2 else "Sure, let's go.") for i in range(100)], CHARS
+    )
+    a, b = few["assistant_leakage"], many["assistant_leakage"]
+    assert a.value == pytest.approx(b.value) == pytest.approx(0.2)
+    assert (b.hi - b.lo) < (a.hi - a.lo) and b.lo <= 0.2 <= b.hi
 
 
 def test_distinct_n():
@@ -93,13 +134,17 @@ def judge_url():
 def test_judge_scores_over_openai_compatible_http(judge_url, monkeypatch):
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
     cfg = {"endpoint": judge_url, "model": "judge-1", "api_key_env": "JUDGE_KEY"}
-    scores = judge_scores([_s("max", "d1", "hi"), _s("max", "d2", "yo")], CHARS, cfg)
-    assert scores == {
-        "judge_human_likeness": 7,
-        "judge_purposefulness": 5,
-        "judge_consistency": 9,
-        "judge_engagement": 6,
-    }
+    samples = [_s("max", "d1", "hi"), _s("max", "d2", "yo")]
+    judge_scores(samples, CHARS, cfg)
+    for s in samples:
+        assert s["scores"] == {
+            "judge_human_likeness": 7,
+            "judge_purposefulness": 5,
+            "judge_consistency": 9,
+            "judge_engagement": 6,
+        }
+    m = score_replies(samples, CHARS)
+    assert m["judge_consistency"].value == 9 and m["judge_consistency"].n == 2
     path, auth, body = _Judge.seen[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-1"
     monkeypatch.setattr(_Judge, "answer", "I think it is good")
@@ -111,13 +156,13 @@ def test_judge_scores_over_openai_compatible_http(judge_url, monkeypatch):
 
 
 def test_truncated_replies_are_not_judged_on_markup():
-    cut = _s("max", "d1", "We fly at dawn<emot")
+    cut = _s("max", "d1", "We fly at dawn<emotion>hap")
     cut["finished"] = False
     done = _s("max", "d2", "We fly at dawn.<emotion>happy</emotion>")
     m = score_replies([cut, done], CHARS)
-    assert m["truncated"] == 0.5 and m["markup_validity"] == 1.0
+    assert m["truncated"].value == 0.5 and (m["markup_validity"].k, m["markup_validity"].n) == (1, 1)
     broken = _s("max", "d3", "We fly at dawn<emotion>happy")
-    assert score_replies([cut, broken], CHARS)["markup_validity"] == 0.0
+    assert score_replies([cut, broken], CHARS)["markup_validity"].value == 0.0
 
 
 def test_echoing_the_users_line_is_counted_and_breaks_the_rules():
@@ -130,7 +175,7 @@ def test_echoing_the_users_line_is_counted_and_breaks_the_rules():
     answer = _s("lin", "d2", "爷爷呀！我睡着了怎么晓得？", ref="爷爷呀！我睡他怎么晓得？")
     answer["context"] = echo["context"]
     m = score_replies([echo, answer], CHARS)
-    assert m["echo_user"] == 0.5
+    assert m["echo_user"].value == 0.5
     chk = check_reply(echo["reply"], character_name="林", language="zh", user_text=line)
     assert chk.echo_user and "echoes the user's line" in chk.violations
     assert not check_reply(echo["reply"], character_name="林", language="zh").echo_user  # no user line given
@@ -189,11 +234,16 @@ def test_evaluate_reads_and_writes_uris(tiny_model_dir, tmp_path, monkeypatch):
         params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
         params["paths"].update(splits="s3://evalbox/run/splits", base_model="s3://evalbox/run/base_model",
                                eval="s3://evalbox/run/eval")  # fmt: skip
-        params["eval"].update(models=["base"], max_new_tokens=4)
-        params["split"]["max_eval_dialogues"] = 1
+        params["paths"]["eval_base"] = ""  # no base stage result to reuse
+        params["eval"].update(models=["base"], max_new_tokens=4, max_replies_per_split=2)
         metrics = evaluate(params)
         published = json.loads(storage.read_text("s3://evalbox/run/eval/metrics.json"))
-        assert published == json.loads(json.dumps(metrics)) and "base" in published
+        as_dicts = {
+            m: {sp: {k: e.to_dict() for k, e in ms.items()} for sp, ms in v.items()}
+            for m, v in metrics.items()
+        }
+        assert published == json.loads(json.dumps(as_dicts)) and "base" in published
+        assert published["base"]["heldout_dialogues"]["truncated"]["n"] == 2  # the seeded sample of 2 items
         assert storage.exists("s3://evalbox/run/eval/report.html")
         params["eval"]["models"] = ["sft"]
         params["paths"]["sft_model"] = "s3://evalbox/run/missing"
@@ -201,3 +251,86 @@ def test_evaluate_reads_and_writes_uris(tiny_model_dir, tmp_path, monkeypatch):
             evaluate(params)
     finally:
         srv.stop()
+
+
+def test_prefix_generator_matches_plain_generate(tiny_model_dir):
+    """Reusing each persona card's KV prefix (rows laid out [card][padding][suffix]) gives the same
+    greedy tokens as plain ``model.generate`` on each whole prompt alone, for batched mixed-length rows
+    and two characters; the second round comes from the cache."""
+    from troupe.generation import GenRequest, PrefixGenerator
+    from troupe.modeling import load_model
+
+    model, tok = load_model(tiny_model_dir)
+    cards = {"a": "You are Ada, a pilot. " * 30, "b": "你是林小满，一个茶馆老板。" * 20}
+    reqs = [
+        GenRequest(
+            [
+                {"role": "system", "content": cards[c]},
+                {"role": "user", "content": f"question {i} " * (1 + i % 4)},
+            ],
+            12,
+            0.0,
+            c,
+        )
+        for i in range(7)
+        for c in cards
+    ]
+    gen = PrefixGenerator(model, tok)
+    first = gen.generate(reqs, batch_size=3)
+    again = gen.generate(reqs, batch_size=5)
+    assert all(r.prefix_cached for r in again) and gen.cache.stats()["hits"] >= 2
+    for req, a, b in zip(reqs, first, again, strict=True):
+        ids = tok.apply_chat_template(
+            req.messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        plain = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        expect = plain[0, ids["input_ids"].shape[1] :].tolist()
+        if tok.eos_token_id in expect:
+            expect = expect[: expect.index(tok.eos_token_id) + 1]
+        assert a.token_ids == expect == b.token_ids
+        assert a.prompt_tokens == ids["input_ids"].shape[1]  # padding not counted
+
+
+def test_base_evaluation_is_reused_while_items_and_settings_match(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """`troupe evaluate --base-only` (its own dvc stage) scores base once; `troupe evaluate` reuses it
+    while the eval set's hash and the settings match, and scores base again when they do not."""
+    import yaml
+
+    from troupe.contract import Character as Ch
+    from troupe.contract import Dialogue, Message, write_jsonl
+    from troupe.eval_contract import EvalResult
+    from troupe.evaluate import evaluate
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    write_jsonl(splits / "characters.jsonl", [Ch(id="max", name="Max", language="en")])
+    ds = [
+        Dialogue(id=f"d{i}", character_id="max", messages=[
+            Message(role="user", content=f"Where do we fly {i}?"), Message(role="assistant", content="North."),
+            Message(role="user", content="When?"), Message(role="assistant", content="At dawn."),
+        ])
+        for i in range(3)
+    ]  # fmt: skip
+    for name in ("train", "heldout_dialogues", "heldout_characters"):
+        write_jsonl(splits / f"{name}.jsonl", ds)
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["paths"].update(
+        splits=str(splits), base_model=str(tiny_model_dir), sft_model=str(tiny_model_dir),
+        eval=str(tmp_path / "eval"), eval_base=str(tmp_path / "eval_base"),
+    )  # fmt: skip
+    params["eval"].update(models=["base", "sft"], max_new_tokens=3)
+    evaluate(params, base_only=True)
+    base = EvalResult.read(tmp_path / "eval_base")
+    assert base.eval_set["heldout_dialogues"]["items"] == 6 and list(base.metrics) == ["base"]
+    capsys.readouterr()
+    evaluate(params)
+    assert "base: reusing" in capsys.readouterr().out
+    both = EvalResult.read(tmp_path / "eval")
+    assert both.scores("base", "truncated") == base.scores("base", "truncated")
+    assert both.scores("sft", "truncated").keys() == base.scores("base", "truncated").keys()  # paired items
+    params["eval"]["max_new_tokens"] = 4
+    evaluate(params)
+    assert "evaluating base again" in capsys.readouterr().out

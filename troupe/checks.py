@@ -162,6 +162,28 @@ def echoes_user(text: str, user_text: str) -> bool:
     return jaccard(char_trigrams(a), char_trigrams(b)) >= NEAR_DUPLICATE_JACCARD
 
 
+#: n-gram size and share of repeated n-grams above which a reply "loops inside itself"
+REPETITION_N, REPETITION_MAX_SHARE, REPETITION_MIN_UNITS = 4, 0.5, 12
+
+
+def repetition_share(text: str, language: str, n: int = REPETITION_N) -> float:
+    """seq-rep-n of one reply: 1 - unique n-grams / n-grams (Welleck et al. 2020, "Neural text
+    generation with unlikelihood training", ICLR, arXiv:1908.04319), over characters for zh and
+    lower-cased words otherwise; 0.0 when the reply has fewer than ``n`` units."""
+    units = [c for c in text if not c.isspace()] if language == "zh" else text.lower().split()
+    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repeats_itself(text: str, language: str) -> bool:
+    """True if a reply loops inside itself: at least :data:`REPETITION_MIN_UNITS` units and a
+    seq-rep-4 (:func:`repetition_share`) above :data:`REPETITION_MAX_SHARE`, e.g. "I love you. I love
+    you. I love you." or a phrase generated until the token budget runs out. Short laughter
+    ("哈哈哈") is below the unit floor."""
+    units = sum(1 for c in text if not c.isspace()) if language == "zh" else len(text.split())
+    return units >= REPETITION_MIN_UNITS and repetition_share(text, language) > REPETITION_MAX_SHARE
+
+
 @dataclass
 class ReplyCheck:
     """Outcome of :func:`check_reply`; ``violations`` lists the rules broken (empty = clean)."""

@@ -1,31 +1,46 @@
 """Evaluation of base, SFT and DPO models on held-out dialogues and held-out characters.
 
-For every assistant turn of a held-out dialogue (context = the reference history, teacher forcing)
-each model generates a reply greedily; replies are scored with the automatic role-play rules of
-:mod:`troupe.checks` and against the reference:
+For every assistant turn of a held-out dialogue (context = the reference history, teacher forcing),
+or a seeded sample of ``eval.max_replies_per_split`` of them, each model generates a reply greedily
+through :class:`troupe.generation.PrefixGenerator` (each character's persona card prefilled once).
+Every reply gets per-item scores (``samples.jsonl``), every metric an :class:`troupe.stats.Estimate`
+with its n and a 95 % interval (``metrics.json``, :mod:`troupe.eval_contract`):
 
-* ``language_consistency``  share of replies in the character's configured language
-* ``markup_validity``       share of finished replies whose markup parses (:mod:`troupe.markup`); a
-                            reply cut by ``eval.max_new_tokens`` is not judged on markup
-* ``truncated``             share of replies cut by the generation budget (lower is better)
-* ``assistant_leakage``     share containing a blacklisted assistant phrase (lower is better)
-* ``name_prefix``           share starting with "Name:" (lower is better)
-* ``stage_direction``       share narrating actions ``*...*`` / ``（...）`` (lower is better)
-* ``empty_reply``           share of replies with no text (lower is better)
-* ``length_ok``             share within the length rule (50 zh chars / 50 en words; 80 with image)
-* ``self_repetition``       share of replies near-duplicating (char-trigram Jaccard >= 0.6) an earlier
-                            reply of the same dialogue (lower is better)
-* ``echo_user``             share of replies parroting the user's last line (same trigram rule; lower
-                            is better)
-* ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055)
+Rates (share of replies; Wilson interval; ``↓`` = lower is better):
+
+* ``language_consistency``  reply identified as the character's language; a reply whose language
+                            py3langid cannot identify counts as inconsistent (a zh character
+                            answering "Sure thing buddy" does not pass)
+* ``tag_rate``              reply carries markup tags (``<emotion>``, ``<img>``); the policy states the
+                            expected rate, so an untagged model cannot pass on markup validity
+* ``markup_validity``       markup parses (:mod:`troupe.markup`), over finished replies that carry tags
+* ``truncated`` ↓           cut by ``eval.max_new_tokens`` (no end-of-turn token)
+* ``empty_reply`` ↓         no text once markup is removed
+* ``assistant_leakage`` ↓   contains a blacklisted assistant phrase
+* ``name_prefix`` ↓         starts with "Name:"
+* ``stage_direction`` ↓     narrates actions ``*...*`` / ``（...）``
+* ``length_ok``             within the length rule (50 zh chars / 50 en words; 80 with image)
+* ``self_repetition`` ↓     near-duplicates (char-trigram Jaccard >= 0.6) an earlier reply of the dialogue
+* ``in_reply_repetition`` ↓ loops inside itself (:func:`troupe.checks.repeats_itself`, seq-rep-4)
+* ``echo_user`` ↓           parrots the user's last line (same trigram rule)
+
+Means and corpus statistics (cluster bootstrap over dialogues):
+
 * ``rouge_l``               ROUGE-L F1 vs the reference (Lin 2004; ``rouge-score``, characters for zh)
 * ``bleu``                  corpus BLEU vs the reference (``sacrebleu``; ``zh`` tokenizer for Chinese)
-* ``loss`` / ``perplexity`` mean NLL / exp(NLL) on the character's reference tokens (teacher forced)
+* ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055)
+* ``loss`` ↓ / ``perplexity`` ↓ mean NLL / exp(NLL) per reference character token (teacher forced)
 * ``judge_*``               optional LLM judge, 1-10 on human-likeness, purposefulness, consistency,
                             engagement (DOMAIN.md), through any OpenAI-compatible endpoint
 
-Outputs in ``paths.eval``: ``metrics.json`` (nested model -> split -> metric; for ``dvc metrics``),
-``per_character.csv``, ``samples.jsonl``, ``report.html`` with plots, ``plots/*.png``.
+The base model is evaluated once per base model and eval set by its own stage (``troupe evaluate
+--base-only`` -> ``paths.eval_base``) and reused while its eval-set hash and settings match.
+``eval.models`` may name ``champion``: the registry's current champion version, scored on the same
+items so the gate can compare paired.
+
+Outputs in ``paths.eval``: ``metrics.json``, ``eval_set.json``, ``samples.jsonl`` (see
+:mod:`troupe.eval_contract`), ``per_character.csv`` (one row per model, split, character, metric
+with n and interval), ``report.html`` with plots, ``plots/*.png``.
 """
 
 from __future__ import annotations
@@ -35,21 +50,47 @@ import csv
 import json
 import math
 import os
+import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from troupe.checks import NEAR_DUPLICATE_JACCARD, char_trigrams, check_reply, jaccard, last_user_text
+from troupe import stats
+from troupe.checks import (
+    NEAR_DUPLICATE_JACCARD,
+    char_trigrams,
+    check_reply,
+    jaccard,
+    last_user_text,
+    repeats_itself,
+)
 from troupe.cli import step_options
 from troupe.config import ConfigError, section
 from troupe.contract import Character, Dialogue, load_characters, read_jsonl
-from troupe.markup import strip_markup
+from troupe.eval_contract import CHAMPION_MODEL, EvalResult, eval_set_hash
+from troupe.markup import has_markup, strip_markup
+from troupe.stats import Estimate
 
 SPLITS = ("heldout_characters", "heldout_dialogues")
 MODEL_PATH_KEYS = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
-#: metrics where lower is better (used by the report and the gate)
+#: per-reply rates (0/1 per item, None where the rule does not apply), summarised with Wilson intervals
+RATE_METRICS = (
+    "language_consistency",
+    "tag_rate",
+    "markup_validity",
+    "truncated",
+    "empty_reply",
+    "assistant_leakage",
+    "name_prefix",
+    "stage_direction",
+    "length_ok",
+    "self_repetition",
+    "in_reply_repetition",
+    "echo_user",
+)
+#: metrics where lower is better (used by the report, the gate and the rollout)
 LOWER_IS_BETTER = frozenset(
     {
         "truncated",
@@ -58,12 +99,15 @@ LOWER_IS_BETTER = frozenset(
         "name_prefix",
         "stage_direction",
         "self_repetition",
+        "in_reply_repetition",
         "echo_user",
         "loss",
         "perplexity",
     }
 )
 JUDGE_DIMENSIONS = ("human_likeness", "purposefulness", "consistency", "engagement")
+#: bootstrap replicates for corpus statistics (BLEU, distinct-2), which are recomputed per replicate
+CORPUS_RESAMPLES = 500
 
 
 def _units(text: str, language: str) -> list[str]:
@@ -77,21 +121,38 @@ def distinct_n(texts: list[list[str]], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def eval_contexts(dialogues: list[Dialogue], limit: int) -> list[tuple[Dialogue, int]]:
-    """(dialogue, index of an assistant turn preceded by a user turn), dialogues in order, capped."""
-    out = []
-    for d in dialogues[:limit] if limit else dialogues:
-        out.extend((d, i) for i, m in enumerate(d.messages) if m.role == "assistant" and i > 0)
+def eval_items(dialogues: list[Dialogue], max_items: int = 0, seed: int = 0) -> list[tuple[Dialogue, int]]:
+    """Evaluation items: ``(dialogue, index of an assistant turn preceded by at least one message)``.
+
+    Args:
+        dialogues: one held-out split.
+        max_items: 0 = every such turn; else a seeded sample of that many (kept in dialogue order).
+        seed: sampling seed.
+    """
+    out = [(d, i) for d in dialogues for i, m in enumerate(d.messages) if m.role == "assistant" and i > 0]
+    if max_items and len(out) > max_items:
+        keep = set(random.Random(seed).sample(range(len(out)), max_items))
+        out = [x for k, x in enumerate(out) if k in keep]
     return out
 
 
+def split_eval_set(items: list[tuple[Dialogue, int]]) -> dict[str, Any]:
+    """``{"sha256", "dialogues", "items"}`` of one split's items (:func:`troupe.eval_contract.eval_set_hash`)."""
+    rows = [
+        (d.id, i, [m.model_dump(exclude_none=True) for m in d.messages[:i]], d.messages[i].content)
+        for d, i in items
+    ]
+    return {"sha256": eval_set_hash(rows), "dialogues": len({d.id for d, _ in items}), "items": len(items)}
+
+
 def character_nll(model, tokenizer, dialogues: list[Dialogue], chars: dict[str, Character], cutoff_len: int):
-    """(summed NLL in nats, token count) over assistant tokens of ``dialogues`` (teacher forcing)."""
+    """Per dialogue ``{dialogue_id: (summed NLL in nats, token count)}`` over its assistant tokens
+    (teacher forcing); dialogues with no loss tokens within ``cutoff_len`` are left out."""
     import torch
 
     from troupe.train.encoding import encode_dialogue
 
-    total, count = 0.0, 0
+    out: dict[str, tuple[float, int]] = {}
     for d in dialogues:
         e = encode_dialogue(tokenizer, d, chars[d.character_id], cutoff_len)
         if not e.n_loss_tokens:
@@ -106,75 +167,158 @@ def character_nll(model, tokenizer, dialogues: list[Dialogue], chars: dict[str, 
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100, reduction="sum"
         )
-        total += float(nll)
-        count += int((lab != -100).sum())
-    return total, count
-
-
-def score_replies(samples: list[dict[str, Any]], chars: dict[str, Character]) -> dict[str, float]:
-    """Aggregate metrics for a list of sample dicts (keys character_id, dialogue_id, reply, reference and
-    optionally ``finished``: False when generation hit the token budget)."""
-    import sacrebleu
-    from rouge_score import rouge_scorer
-
-    if not samples:
-        return {}
-    n = len(samples)
-    agg: dict[str, float] = defaultdict(float)
-    seen: dict[str, list[set[str]]] = defaultdict(list)
-    units, rouge = [], 0.0
-    scorer = rouge_scorer.RougeScorer(["rougeL"])
-    hyps: dict[str, list[str]] = defaultdict(list)
-    refs: dict[str, list[str]] = defaultdict(list)
-    for s in samples:
-        c = chars[s["character_id"]]
-        chk = check_reply(
-            s["reply"],
-            character_name=c.name,
-            language=c.language,
-            user_text=last_user_text(s.get("context", [])),
-        )
-        agg["language_consistency"] += chk.language_ok
-        done = s.get("finished", True)
-        agg["truncated"] += not done
-        agg["_finished"] += done
-        agg["markup_validity"] += done and chk.markup_valid
-        agg["assistant_leakage"] += chk.assistant_phrase is not None
-        agg["name_prefix"] += chk.name_prefix
-        agg["stage_direction"] += chk.stage_direction
-        agg["length_ok"] += chk.length_ok
-        agg["echo_user"] += chk.echo_user
-        text, ref = strip_markup(s["reply"]), strip_markup(s["reference"])
-        agg["empty_reply"] += not text.strip()
-        tri = char_trigrams(text)
-        agg["self_repetition"] += any(
-            jaccard(tri, t) >= NEAR_DUPLICATE_JACCARD for t in seen[s["dialogue_id"]]
-        )
-        seen[s["dialogue_id"]].append(tri)
-        u, ru = _units(text, c.language), _units(ref, c.language)
-        units.append(u)
-        # rouge-score tokenizes English itself; pre-split units joined by spaces work for both languages
-        rouge += scorer.score(" ".join(ru), " ".join(u))["rougeL"].fmeasure if u and ru else 0.0
-        hyps[c.language].append(text)
-        refs[c.language].append(ref)
-    finished = agg.pop("_finished")
-    out = {k: v / n for k, v in agg.items()}
-    out["markup_validity"] = agg["markup_validity"] / finished if finished else 0.0
-    out["distinct_2"] = distinct_n(units, 2)
-    out["rouge_l"] = rouge / n
-    bleu_num = 0.0
-    for lang, h in hyps.items():
-        b = sacrebleu.corpus_bleu(h, [refs[lang]], tokenize="zh" if lang == "zh" else "13a").score
-        bleu_num += b * len(h)
-    out["bleu"] = bleu_num / n
-    out["replies"] = float(n)
+        out[d.id] = (float(nll), int((lab != -100).sum()))
     return out
 
 
-def judge_scores(
-    samples: list[dict[str, Any]], chars: dict[str, Character], judge: dict[str, Any]
-) -> dict[str, float]:
-    """Mean 1-10 LLM-judge scores per dimension through an OpenAI-compatible endpoint.
+def nll_estimates(per_dialogue: dict[str, tuple[float, int]], confidence: float) -> dict[str, Estimate]:
+    """``loss`` (mean NLL per token, a ratio estimator) and ``perplexity`` = exp(loss), each with a
+    cluster-bootstrap interval over dialogues; ``n`` = reference tokens."""
+    if not per_dialogue:
+        return {}
+
+    def ratio(items: list[tuple[float, int]]) -> float:
+        return sum(a for a, _ in items) / max(sum(b for _, b in items), 1)
+
+    est = stats.cluster_bootstrap(
+        {k: [v] for k, v in per_dialogue.items()}, ratio, confidence, CORPUS_RESAMPLES
+    )
+    tokens = sum(c for _, c in per_dialogue.values())
+    loss = Estimate(est.value, tokens, est.lo, est.hi, confidence, est.method, clusters=est.clusters)
+    ppl = Estimate(
+        *(math.exp(min(x, 50)) if not math.isnan(x) else x for x in (est.value,)), tokens,
+        *(math.exp(min(x, 50)) if not math.isnan(x) else x for x in (est.lo, est.hi)), confidence, est.method,
+        clusters=est.clusters,
+    )  # fmt: skip
+    return {"loss": loss, "perplexity": ppl}
+
+
+def reply_scores(sample: dict[str, Any], character: Character) -> dict[str, float | None]:
+    """Per-item scores of one sample (keys of :data:`RATE_METRICS` except ``self_repetition``, plus
+    ``rouge_l``): 1/0 for rates, None where a rule does not apply (markup validity of an untagged or
+    cut reply).
+
+    Args:
+        sample: ``reply``, ``reference``, ``context`` (chat dicts) and ``finished`` (False = cut by
+            the token budget; default True).
+    """
+    from rouge_score import rouge_scorer
+
+    reply = sample["reply"]
+    chk = check_reply(
+        reply,
+        character_name=character.name,
+        language=character.language,
+        user_text=last_user_text(sample.get("context", [])),
+    )
+    done = bool(sample.get("finished", True))
+    tagged = has_markup(reply)
+    text, ref = strip_markup(reply), strip_markup(sample["reference"])
+    u, ru = _units(text, character.language), _units(ref, character.language)
+    rouge = 0.0
+    if u and ru:  # rouge-score tokenizes English itself; pre-split units joined by spaces work for both
+        rouge = rouge_scorer.RougeScorer(["rougeL"]).score(" ".join(ru), " ".join(u))["rougeL"].fmeasure
+    return {
+        "language_consistency": float(chk.language == character.language),
+        "tag_rate": float(tagged),
+        "markup_validity": float(chk.markup_valid) if done and tagged else None,
+        "truncated": float(not done),
+        "empty_reply": float(not text.strip()),
+        "assistant_leakage": float(chk.assistant_phrase is not None),
+        "name_prefix": float(chk.name_prefix),
+        "stage_direction": float(chk.stage_direction),
+        "length_ok": float(chk.length_ok),
+        "in_reply_repetition": float(repeats_itself(text, character.language)),
+        "echo_user": float(chk.echo_user),
+        "rouge_l": rouge,
+    }
+
+
+def score_samples(samples: list[dict[str, Any]], chars: dict[str, Character]) -> None:
+    """Set ``sample["scores"]`` on every sample (in place), ``self_repetition`` included: a reply
+    near-duplicating an earlier reply (lower turn) of the same model and dialogue."""
+    seen: dict[tuple[str, str], list[set[str]]] = defaultdict(list)
+    order = sorted(range(len(samples)), key=lambda k: (samples[k].get("turn", 0), k))
+    for k in order:
+        s = samples[k]
+        sc = reply_scores(s, chars[s["character_id"]])
+        tri = char_trigrams(strip_markup(s["reply"]))
+        key = (s.get("model", ""), s["dialogue_id"])
+        sc["self_repetition"] = float(any(jaccard(tri, t) >= NEAR_DUPLICATE_JACCARD for t in seen[key]))
+        seen[key].append(tri)
+        s["scores"] = {**(s.get("scores") or {}), **sc}
+
+
+def _corpus_bleu(items: list[tuple[str, str, str]]) -> float:
+    import sacrebleu
+
+    by_lang: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    for lang, hyp, ref in items:
+        by_lang[lang][0].append(hyp)
+        by_lang[lang][1].append(ref)
+    total = sum(
+        sacrebleu.corpus_bleu(h, [r], tokenize="zh" if lang == "zh" else "13a").score * len(h)
+        for lang, (h, r) in by_lang.items()
+    )
+    return total / max(len(items), 1)
+
+
+def score_replies(
+    samples: list[dict[str, Any]],
+    chars: dict[str, Character],
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+    corpus: bool = True,
+) -> dict[str, Estimate]:
+    """Every metric of ``samples`` (one model, one split or character) as an estimate with n and interval.
+
+    Samples without ``scores`` are scored first (:func:`score_samples`). Rates: Wilson over the
+    replies a rule applies to. ``rouge_l`` and judge scores: mean, cluster bootstrap over dialogues.
+    ``bleu`` and ``distinct_2`` (``corpus=True``): corpus statistics recomputed per bootstrap replicate.
+    Returns ``{}`` for no samples.
+    """
+    if not samples:
+        return {}
+    if any("scores" not in s for s in samples):
+        score_samples(samples, chars)
+    out: dict[str, Estimate] = {}
+    for m in RATE_METRICS:
+        out[m] = stats.rate(
+            [None if s["scores"].get(m) is None else bool(s["scores"][m]) for s in samples], confidence
+        )
+    by_dialogue: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        by_dialogue[s["dialogue_id"]].append(s)
+    means = ["rouge_l"] + sorted({k for s in samples for k in s["scores"] if k.startswith("judge_")})
+    for m in means:
+        vals = {
+            d: [s["scores"][m] for s in ss if s["scores"].get(m) is not None] for d, ss in by_dialogue.items()
+        }
+        out[m] = stats.bootstrap_mean(vals, confidence)
+    if corpus:
+        items = {
+            d: [
+                (
+                    chars[s["character_id"]].language,
+                    strip_markup(s["reply"]),
+                    strip_markup(s["reference"]),
+                )
+                for s in ss
+            ]
+            for d, ss in by_dialogue.items()
+        }
+        out["bleu"] = stats.cluster_bootstrap(items, _corpus_bleu, confidence, CORPUS_RESAMPLES)
+        out["distinct_2"] = stats.cluster_bootstrap(
+            items,
+            lambda xs: distinct_n([_units(h, lang) for lang, h, _ in xs], 2),
+            confidence,
+            CORPUS_RESAMPLES,
+        )
+    return out
+
+
+def judge_scores(samples: list[dict[str, Any]], chars: dict[str, Character], judge: dict[str, Any]) -> None:
+    """Add 1-10 LLM-judge scores per dimension to each sample's ``scores`` (``judge_<dimension>``),
+    through an OpenAI-compatible endpoint.
 
     Raises:
         ConfigError: the endpoint's API key env var is unset, or the judge's answer is not JSON.
@@ -187,7 +331,6 @@ def judge_scores(
             f"eval.judge.endpoint is set but env {judge.get('api_key_env')} (its API key) is empty"
         )
     client = OpenAI(base_url=judge["endpoint"], api_key=key, timeout=60)
-    sums: dict[str, float] = defaultdict(float)
     for s in samples:
         c = chars[s["character_id"]]
         prompt = (
@@ -204,38 +347,49 @@ def judge_scores(
             raise ConfigError(
                 f"judge {judge['endpoint']}: answer is not JSON: {r.choices[0].message.content!r}"
             ) from e
-        for dim in JUDGE_DIMENSIONS:
-            sums[dim] += float(scores.get(dim, 0))
-    return {f"judge_{d}": sums[d] / max(len(samples), 1) for d in JUDGE_DIMENSIONS}
+        s.setdefault("scores", {}).update(
+            {
+                f"judge_{d}": float(scores[d])
+                for d in JUDGE_DIMENSIONS
+                if isinstance(scores.get(d), int | float)
+            }
+        )
+
+
+def eval_request(dialogue: Dialogue, turn: int, character: Character, max_new_tokens: int):
+    """The :class:`troupe.generation.GenRequest` of one item: card + reference history up to ``turn``,
+    cached per character."""
+    from troupe.generation import GenRequest
+    from troupe.train.encoding import chat_messages
+
+    return GenRequest(chat_messages(dialogue.messages[:turn], character), max_new_tokens, 0.0, character.id)
 
 
 def evaluate_model(
     model_dir: Path,
-    split_dialogues: dict[str, list[Dialogue]],
+    split_items: dict[str, list[tuple[Dialogue, int]]],
     chars: dict[str, Character],
     cfg: dict[str, Any],
     cutoff_len: int,
     name: str,
-):
-    """Generate and score one model on each split. Returns (metrics[split], samples, per_char rows)."""
-    from troupe.generation import generate
+) -> tuple[dict[str, dict[str, Estimate]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Generate and score one model on each split's items.
+
+    Returns:
+        ``(metrics[split][metric], samples, per-character rows)``; each row is one model, split,
+        character and metric with ``value, n, lo, hi``.
+    """
+    from troupe.generation import PrefixGenerator
     from troupe.modeling import load_model
-    from troupe.train.encoding import prompt_text
 
     model, tok = load_model(model_dir)
+    gen = PrefixGenerator(model, tok, prefix_cache_bytes=int(cfg.get("prefix_cache_mb", 256)) << 20)
+    confidence = float(cfg.get("confidence", stats.DEFAULT_CONFIDENCE))
+    max_new = int(cfg.get("max_new_tokens", 48))
     metrics, samples, per_char = {}, [], []
-    for split, dialogues in split_dialogues.items():
-        ctx = eval_contexts(dialogues, 0)
-        prompts = [prompt_text(tok, d.messages[:i], chars[d.character_id]) for d, i in ctx]
-        done: list[bool] = []
-        replies = generate(
-            model,
-            tok,
-            prompts,
-            max_new_tokens=int(cfg.get("max_new_tokens", 48)),
-            desc=f"eval/{name}/{split}",
-            finished=done,
-        )
+    for split, items in split_items.items():
+        reqs = [eval_request(d, i, chars[d.character_id], max_new) for d, i in items]
+        results = gen.generate(reqs, batch_size=int(cfg.get("batch_size", 8)), desc=f"eval/{name}/{split}")
         ss = [
             {
                 "model": name,
@@ -244,32 +398,35 @@ def evaluate_model(
                 "dialogue_id": d.id,
                 "turn": i,
                 "context": [m.model_dump(exclude_none=True) for m in d.messages[:i]],
-                "reply": r,
+                "reply": r.text,
                 "reference": d.messages[i].content,
-                "finished": f,
+                "finished": r.finished,
             }
-            for (d, i), r, f in zip(ctx, replies, done, strict=True)
+            for (d, i), r in zip(items, results, strict=True)
         ]
-        m = score_replies(ss, chars)
-        nll, count = character_nll(model, tok, dialogues, chars, cutoff_len)
-        if count:
-            m["loss"] = nll / count
-            m["perplexity"] = math.exp(min(nll / count, 50))
+        score_samples(ss, chars)
         judge = cfg.get("judge") or {}
         if judge.get("endpoint"):
-            m.update(judge_scores(ss, chars, judge))
+            judge_scores(ss, chars, judge)
+        m = score_replies(ss, chars, confidence)
+        dialogues = list({d.id: d for d, _ in items}.values())
+        m.update(nll_estimates(character_nll(model, tok, dialogues, chars, cutoff_len), confidence))
         metrics[split] = m
         samples.extend(ss)
         by_char: dict[str, list] = defaultdict(list)
         for s in ss:
             by_char[s["character_id"]].append(s)
         for cid, group in sorted(by_char.items()):
-            row = {"model": name, "split": split, "character_id": cid, **score_replies(group, chars)}
-            per_char.append(row)
+            for metric, e in score_replies(group, chars, confidence, corpus=False).items():
+                per_char.append(
+                    {"model": name, "split": split, "character_id": cid, "metric": metric,
+                     "value": e.value, "n": e.n, "lo": e.lo, "hi": e.hi}
+                )  # fmt: skip
     return metrics, samples, per_char
 
 
-def _plots(metrics: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> list[Path]:
+def _plots(metrics: dict[str, dict[str, dict[str, Estimate]]], out_dir: Path) -> list[Path]:
+    """One figure per split: a bar per model and metric with its interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,28 +434,52 @@ def _plots(metrics: dict[str, dict[str, dict[str, float]]], out_dir: Path) -> li
 
     out_dir.mkdir(parents=True, exist_ok=True)
     models = list(metrics)
-    names = sorted({k for m in metrics.values() for s in m.values() for k in s if k != "replies"})
+    names = sorted({k for m in metrics.values() for sp in m.values() for k in sp if k != "perplexity"})
+    colors = ["#999999", "#4C72B0", "#DD8452", "#55A868"]
     paths = []
     for split in SPLITS:
-        fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3.2), squeeze=False)
-        for ax, metric in zip(axes[0], names, strict=True):
-            vals = [metrics[m].get(split, {}).get(metric, float("nan")) for m in models]
-            ax.bar(models, vals, color=["#999999", "#4C72B0", "#DD8452"][: len(models)])
-            ax.set_title(metric + (" (↓)" if metric in LOWER_IS_BETTER else ""), fontsize=8)
+        cols = 6
+        rows = max(1, math.ceil(len(names) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+        for ax in axes.flat[len(names) :]:
+            ax.axis("off")
+        for ax, metric in zip(axes.flat, names, strict=False):
+            ests = [metrics[m].get(split, {}).get(metric, stats.empty()) for m in models]
+            vals = [e.value for e in ests]
+            err = [
+                [0 if math.isnan(e.lo) else max(e.value - e.lo, 0) for e in ests],
+                [0 if math.isnan(e.hi) else max(e.hi - e.value, 0) for e in ests],
+            ]
+            ax.bar(models, vals, yerr=err, capsize=3, color=colors[: len(models)])
+            n = max((e.n for e in ests), default=0)
+            ax.set_title(f"{metric}{' (↓)' if metric in LOWER_IS_BETTER else ''} n={n}", fontsize=8)
             ax.tick_params(labelsize=7)
-        fig.suptitle(f"{split}: base vs SFT vs DPO")
+        fig.suptitle(f"{split}: {' vs '.join(models)} (95% intervals)")
         fig.tight_layout()
-        p = out_dir / f"{split}.png"
-        fig.savefig(p, dpi=90)
+        path = out_dir / f"{split}.png"
+        fig.savefig(path, dpi=90)
         plt.close(fig)
-        paths.append(p)
+        paths.append(path)
     return paths
 
 
+def _cell(e: Estimate | None) -> str:
+    if e is None or not e.n:
+        return "n/a"
+    ci = "" if math.isnan(e.lo) else f" [{e.lo:.3f}, {e.hi:.3f}]"
+    return f"{e.value:.3f}{ci} n={e.n}"
+
+
 def write_report(
-    metrics: dict, samples: list[dict], plots: list[Path], out: Path, judge_measured: bool
+    metrics: dict[str, dict[str, dict[str, Estimate]]],
+    samples: list[dict],
+    plots: list[Path],
+    out: Path,
+    judge_measured: bool,
+    eval_set: dict[str, Any] | None = None,
 ) -> Path:
-    """Self-contained HTML report: metric tables per split, embedded plots, sample replies."""
+    """Self-contained HTML report: per split a table of value [95 % interval] n per model and metric,
+    the eval set's identity, embedded plots, sample replies."""
     import html
 
     rows = []
@@ -307,11 +488,16 @@ def write_report(
         head = "".join(f"<th>{html.escape(m)}</th>" for m in metrics)
         body = "".join(
             f"<tr><td>{html.escape(n)}{' ↓' if n in LOWER_IS_BETTER else ''}</td>"
-            + "".join(f"<td>{metrics[m].get(split, {}).get(n, float('nan')):.3f}</td>" for m in metrics)
+            + "".join(f"<td>{html.escape(_cell(metrics[m].get(split, {}).get(n)))}</td>" for m in metrics)
             + "</tr>"
             for n in names
         )
-        rows.append(f"<h2>{split}</h2><table><tr><th>metric</th>{head}</tr>{body}</table>")
+        es = (eval_set or {}).get(split) or {}
+        ident = (
+            f"<p>{es.get('items', '?')} items from {es.get('dialogues', '?')} dialogues; eval set sha256 "
+            f"<code>{html.escape(str(es.get('sha256', ''))[:16])}</code></p>"
+        )
+        rows.append(f"<h2>{split}</h2>{ident}<table><tr><th>metric</th>{head}</tr>{body}</table>")
     imgs = "".join(
         f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" style="max-width:100%">'
         for p in plots
@@ -326,7 +512,8 @@ def write_report(
     doc = (
         "<html><head><meta charset='utf-8'><title>Troupe evaluation</title><style>body{font-family:sans-serif}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head>"
-        f"<body><h1>Troupe evaluation</h1>{judge}{''.join(rows)}<h2>Plots</h2>{imgs}"
+        f"<body><h1>Troupe evaluation</h1><p>Cells: value [95 % interval] n (Wilson for rates, bootstrap "
+        f"over dialogues for means).</p>{judge}{''.join(rows)}<h2>Plots</h2>{imgs}"
         f"<h2>Sample replies</h2><table><tr><th>model</th><th>split</th><th>character</th><th>user</th><th>reply</th>"
         f"<th>reference</th></tr>{ex}</table></body></html>"
     )
@@ -335,92 +522,169 @@ def write_report(
     return path
 
 
-def evaluate(params: dict[str, Any]) -> dict[str, Any]:
+def evaluate(params: dict[str, Any], base_only: bool = False) -> dict[str, dict[str, dict[str, Estimate]]]:
     """Evaluate every model of ``eval.models`` on both held-out splits; write ``paths.eval``; log to MLflow.
 
-    Returns the nested metrics dict ``{model: {split: {metric: value}}}``. ``paths.splits``, the model
-    paths and ``paths.eval`` may be local paths or URIs (:mod:`troupe.storage`): inputs are downloaded,
-    outputs published when the step succeeds.
+    Args:
+        params: pipeline params. ``paths.splits``, the model paths, ``paths.eval`` and
+            ``paths.eval_base`` may be local paths or URIs (:mod:`troupe.storage`): inputs are
+            downloaded, outputs published when the step succeeds.
+        base_only: evaluate only the base model into ``paths.eval_base`` (the cached base stage).
+
+    Returns:
+        ``{model: {split: {metric: Estimate}}}``.
 
     Raises:
-        ConfigError: unknown model name in ``eval.models`` or missing model directory.
+        ConfigError: unknown model name in ``eval.models``, missing model directory, or ``champion``
+            asked for while the registry has none.
     """
     from troupe import storage
 
     cfg = section(params, "eval")
     paths = section(params, "paths")
-    with storage.output_dir(paths["eval"]) as out:
-        return _evaluate(params, cfg, storage.local_copy(paths["splits"], what="paths.splits"), out)
+    target = paths.get("eval_base") if base_only else paths["eval"]
+    if not target:
+        raise ConfigError("params: paths.eval_base is empty (troupe evaluate --base-only writes there)")
+    splits_dir = storage.local_copy(paths["splits"], what="paths.splits")
+    with storage.output_dir(str(target)) as out:
+        return _evaluate(params, cfg, splits_dir, out, base_only)
 
 
-def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out: Path):
+def _settings(cfg: dict[str, Any], cutoff: int) -> dict[str, Any]:
+    """What makes two evaluations of one model comparable besides the items."""
+    return {
+        "max_new_tokens": int(cfg.get("max_new_tokens", 48)),
+        "max_replies_per_split": int(cfg.get("max_replies_per_split", 0)),
+        "seed": int(cfg.get("seed", 0)),
+        "cutoff_len": cutoff,
+        "confidence": float(cfg.get("confidence", stats.DEFAULT_CONFIDENCE)),
+    }
+
+
+def _reusable_base(params: dict[str, Any], eval_set: dict[str, Any]) -> EvalResult | None:
+    """The base stage's result (``paths.eval_base``) if it scored these items with these settings."""
+    from troupe import storage
+
+    loc = (params.get("paths") or {}).get("eval_base")
+    if not loc or not storage.exists(f"{str(loc).rstrip('/')}/metrics.json"):
+        return None
+    prior = EvalResult.read(storage.local_copy(str(loc), what="paths.eval_base"))
+    same = (
+        all((prior.eval_set.get(s) or {}).get("sha256") == eval_set[s]["sha256"] for s in SPLITS)
+        and prior.eval_set.get("settings") == eval_set["settings"]
+    )
+    if not same or "base" not in prior.metrics:
+        print(
+            f"[evaluate] {loc}: base was scored on other items or settings; evaluating base again", flush=True
+        )
+        return None
+    print(f"[evaluate] base: reusing {loc} (same eval set and settings)", flush=True)
+    return prior
+
+
+def _champion_dir(params: dict[str, Any]) -> tuple[Path, str]:
+    """Local checkpoint and version number of the registry's ``champion`` alias."""
+    from troupe.registry import model_version, resolve_model_dir
+    from troupe.tracking import tracking_uri
+
+    name = section(params, "registry")["model_name"]
+    uri = f"models:/{name}@champion"
+    try:
+        mv = model_version(uri, tracking_uri())
+    except Exception as e:  # MlflowException / ConfigError: no such alias
+        raise ConfigError(f"eval.models has 'champion' but {uri} does not resolve: {e}") from e
+    return resolve_model_dir(f"models:/{name}/{mv.version}", tracking_uri()), str(mv.version)
+
+
+def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out: Path, base_only: bool):
     import mlflow
 
     from troupe import storage
     from troupe.tracking import flatten, step_run
 
     chars = load_characters(splits_dir / "characters.jsonl")
-    cap = int(params.get("split", {}).get("max_eval_dialogues", 0))
-    split_dialogues = {}
-    for s in SPLITS:
-        ds = read_jsonl(splits_dir / f"{s}.jsonl", Dialogue)
-        split_dialogues[s] = ds[:cap] if cap else ds
+    cap, seed = int(cfg.get("max_replies_per_split", 0)), int(cfg.get("seed", 0))
+    split_items = {s: eval_items(read_jsonl(splits_dir / f"{s}.jsonl", Dialogue), cap, seed) for s in SPLITS}
     cutoff = int(section(params, "data")["cutoff_len"])
-    metrics, samples, per_char = {}, [], []
-    with step_run(params, "evaluate", ("eval",)):
-        for name in cfg.get("models", ["base", "sft", "dpo"]):
-            if name not in MODEL_PATH_KEYS:
-                raise ConfigError(f"eval.models: unknown model {name!r}; expected {sorted(MODEL_PATH_KEYS)}")
-            key = MODEL_PATH_KEYS[name]
-            loc = str(params["paths"][key])
-            if not storage.exists(loc):
+    eval_set: dict[str, Any] = {s: split_eval_set(items) for s, items in split_items.items()}
+    eval_set["settings"] = _settings(cfg, cutoff)
+    names = ["base"] if base_only else list(cfg.get("models", ["base", "sft", "dpo"]))
+    metrics: dict[str, dict[str, dict[str, Estimate]]] = {}
+    samples: list[dict[str, Any]] = []
+    per_char: list[dict[str, Any]] = []
+    with step_run(params, "evaluate_base" if base_only else "evaluate", ("eval",)):
+        for name in names:
+            if name not in MODEL_PATH_KEYS and name != CHAMPION_MODEL:
                 raise ConfigError(
-                    f"{loc}: model directory for eval.models={name} not found (paths.{key}; run its stage first)"
+                    f"eval.models: unknown model {name!r}; expected {sorted([*MODEL_PATH_KEYS, CHAMPION_MODEL])}"
                 )
-            d = storage.local_copy(loc, what=f"paths.{key}")
-            m, s, pc = evaluate_model(d, split_dialogues, chars, cfg, cutoff, name)
+            if name == "base" and not base_only and (prior := _reusable_base(params, eval_set)) is not None:
+                metrics["base"] = prior.metrics["base"]
+                samples += [s for s in prior.samples if s["model"] == "base"]
+                continue
+            if name == CHAMPION_MODEL:
+                d, version = _champion_dir(params)
+                eval_set["champion_version"] = version
+            else:
+                key = MODEL_PATH_KEYS[name]
+                loc = str(params["paths"][key])
+                if not storage.exists(loc):
+                    raise ConfigError(
+                        f"{loc}: model directory for eval.models={name} not found (paths.{key}; run its stage first)"
+                    )
+                d = storage.local_copy(loc, what=f"paths.{key}")
+            m, s, pc = evaluate_model(d, split_items, chars, cfg, cutoff, name)
             metrics[name], samples, per_char = m, samples + s, per_char + pc
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
-        keys = sorted({k for r in per_char for k in r})
+        files = EvalResult(metrics, eval_set, samples).write(out)
         with (out / "per_character.csv").open("w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(
+                f, fieldnames=["model", "split", "character_id", "metric", "value", "n", "lo", "hi"]
+            )
             w.writeheader()
             w.writerows(per_char)
         plots = _plots(metrics, out / "plots")
         judge_measured = bool((cfg.get("judge") or {}).get("endpoint"))
-        report = write_report(metrics, samples, plots, out, judge_measured)
-        mlflow.log_metrics(
-            {k.replace("/", "."): v for k, v in flatten(metrics).items() if isinstance(v, float)}
+        report = write_report(metrics, samples, plots, out, judge_measured, eval_set)
+        flat = {}
+        for model, splits in metrics.items():
+            for split, ms in splits.items():
+                for k, e in ms.items():
+                    for field, v in (("", e.value), (".lo", e.lo), (".hi", e.hi), (".n", float(e.n))):
+                        if not math.isnan(v):
+                            flat[f"{model}.{split}.{k}{field}"] = v
+        mlflow.log_metrics(flat)
+        mlflow.log_params(
+            {k: v for k, v in flatten({"eval_set": {s: eval_set[s]["sha256"] for s in SPLITS}}).items()}
         )
         mlflow.set_tag("judge", "measured" if judge_measured else "not measured")
-        for p in [report, out / "metrics.json", out / "per_character.csv", out / "samples.jsonl", *plots]:
-            mlflow.log_artifact(str(p))
+        for path in [report, *files, out / "per_character.csv", *plots]:
+            mlflow.log_artifact(str(path))
     _print_table(metrics)
     return metrics
 
 
-def _print_table(metrics: dict[str, dict[str, dict[str, float]]]) -> None:
+def _print_table(metrics: dict[str, dict[str, dict[str, Estimate]]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     for split in SPLITS:
-        t = Table(title=f"evaluation: {split}")
+        t = Table(title=f"evaluation: {split} (value [95% interval] n)")
         t.add_column("metric")
         for m in metrics:
             t.add_column(m, justify="right")
         for n in sorted({k for m in metrics.values() for k in m.get(split, {})}):
             t.add_row(
                 n + (" ↓" if n in LOWER_IS_BETTER else ""),
-                *[f"{metrics[m].get(split, {}).get(n, float('nan')):.3f}" for m in metrics],
+                *[_cell(metrics[m].get(split, {}).get(n)) for m in metrics],
             )
-        Console().print(t)
+        Console(width=200).print(t)
 
 
 @click.command("evaluate")
+@click.option(
+    "--base-only", is_flag=True, help="Evaluate only the base model into paths.eval_base (cached stage)."
+)
 @step_options
-def evaluate_cmd(params: dict) -> None:
-    """Evaluate base/SFT/DPO on held-out dialogues and characters -> paths.eval (metrics, report)."""
-    evaluate(params)
+def evaluate_cmd(params: dict, base_only: bool) -> None:
+    """Evaluate models on held-out dialogues and characters -> paths.eval (metrics with intervals, report)."""
+    evaluate(params, base_only=base_only)

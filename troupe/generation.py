@@ -1,9 +1,27 @@
-"""Batched text generation with a local HF checkpoint (CPU or one device), for pair building and eval."""
+"""Batched text generation with a local HF checkpoint (CPU or one device).
+
+Two generators, both used by evaluation, DPO pair building and serving:
+
+* :class:`PrefixGenerator`, the one implementation of persona-card prefix reuse: the rendered card
+  (the system turn every turn of a character shares, :func:`troupe.persona.render_system_prompt`)
+  is prefilled once per character and its KV cache kept in a byte-bounded LRU (:class:`PrefixCache`);
+  each batch of that character's prompts then prefills only the conversation suffixes. Rows are laid
+  out ``[card prefix][left padding][suffix]`` so the cached prefix keeps its positions in every row;
+  position ids follow the attention mask, so padding in the middle is skipped. The serving backend
+  (:class:`serving.backend.TransformersBackend`) wraps it; evaluation calls it directly.
+* :func:`generate`, plain ``model.generate`` over left-padded batches of whole prompts (the baseline
+  of ``benchmarks/bench_generate.py``).
+"""
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 #: U+FFFD, what a byte-level BPE decode yields for a UTF-8 sequence the token budget cut in half
 REPLACEMENT_CHAR = "\ufffd"
@@ -17,6 +35,261 @@ def decode_reply(tokenizer, token_ids) -> str:
     U+FFFD elsewhere in the text is kept.
     """
     return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip().rstrip(REPLACEMENT_CHAR).strip()
+
+
+@dataclass
+class GenRequest:
+    """One generation request.
+
+    Attributes:
+        messages: chat-template messages; ``messages[0]`` is the system prompt (the persona card).
+        max_new_tokens: generation budget (tokens).
+        temperature: 0 = greedy, else sampling temperature.
+        cache_key: key of the card prefix in the prefix cache (the character id), or None for no cache.
+    """
+
+    messages: list[dict[str, str]]
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    cache_key: str | None = None
+
+
+@dataclass
+class GenResult:
+    """Generated reply with token counts and timings.
+
+    Attributes:
+        prompt_tokens: tokens of this row's prompt (card prefix + its own suffix; no padding).
+        completion_tokens: generated tokens (end-of-turn included, padding excluded).
+        latency_ms: wall time of the ``generate`` call that produced the row (shared by its batch).
+        prefix_cached: the card prefix's KV cache came from the cache (no prefill of the card).
+        finished: the reply ended with the end-of-turn token within ``max_new_tokens`` (False = cut).
+        token_ids: the generated ids (end-of-turn included, padding excluded).
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    prefix_cached: bool
+    finished: bool = True
+    token_ids: list[int] | None = None
+
+
+class PrefixCache:
+    """LRU cache of ``(prefix token ids, past_key_values)`` per key, bounded in bytes.
+
+    Args:
+        max_bytes: memory bound of all cached KV tensors; the least recently used entries are evicted
+            to stay under it (an entry larger than the bound is not stored).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict[str, tuple[str, list[int], Any, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v[3] for v in self._items.values())
+
+    def get(self, key: str, prefix_text: str) -> tuple[list[int], Any] | None:
+        """Cached ``(ids, cache)`` for ``key`` if its prefix text still matches, else None (a miss)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None or item[0] != prefix_text:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return item[1], item[2]
+
+    def put(self, key: str, prefix_text: str, ids: list[int], cache: Any, nbytes: int) -> None:
+        """Store an entry and evict least recently used ones above ``max_bytes``."""
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = (prefix_text, ids, cache, nbytes)
+            while self.nbytes > self.max_bytes:
+                self._items.popitem(last=False)
+                self.evictions += 1
+
+    def keys(self) -> list[str]:
+        """Keys from least to most recently used."""
+        return list(self._items)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._items),
+            "bytes": self.nbytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "evictions": self.evictions,
+        }
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes held by the key/value tensors of a transformers ``Cache`` (its ``layers``)."""
+    n = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None and hasattr(t, "numel"):
+                n += t.numel() * t.element_size()
+    return n
+
+
+class PrefixGenerator:
+    """Batched generation that prefills each persona card once (see the module docstring).
+
+    Args:
+        model, tokenizer: a causal LM and its fast tokenizer (with a chat template that renders the
+            system turn as a prefix of the whole conversation, as ChatML does).
+        device: torch device of ``model``.
+        prefix_cache_bytes: bound of the card KV cache; 0 disables reuse (every batch prefills its card).
+    """
+
+    def __init__(self, model, tokenizer, device: Any = "cpu", prefix_cache_bytes: int = 256 << 20) -> None:
+        import torch
+
+        self.model, self.tok = model, tokenizer
+        self.device = torch.device(device)
+        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+
+    # -- prompt layout -------------------------------------------------------------------------
+    def texts(self, messages: list[dict[str, str]]) -> tuple[str, str]:
+        """(prefix text = rendered system turn, suffix text = the rest + generation prompt)."""
+        full = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prefix = ""
+        if messages and messages[0]["role"] == "system":
+            prefix = self.tok.apply_chat_template(messages[:1], tokenize=False)
+            if not full.startswith(prefix):  # template does not render the system turn separately
+                prefix = ""
+        return prefix, full[len(prefix) :]
+
+    def ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def prefix(self, key: str | None, prefix_text: str) -> tuple[list[int], Any, bool]:
+        """``(prefix ids, a private copy of its KV cache or None, came from the cache)``; a miss
+        prefills the prefix and stores it."""
+        import torch
+
+        if self.cache is None or key is None or not prefix_text:
+            return self.ids(prefix_text), None, False
+        hit = self.cache.get(key, prefix_text)
+        if hit is not None:
+            ids, kv = hit
+            return ids, copy.deepcopy(kv), True
+        ids = self.ids(prefix_text)
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+        kv = out.past_key_values
+        self.cache.put(key, prefix_text, ids, copy.deepcopy(kv), cache_nbytes(kv))
+        return ids, kv, False
+
+    # -- generation ----------------------------------------------------------------------------
+    def generate(
+        self,
+        requests: Sequence[GenRequest],
+        *,
+        batch_size: int = 0,
+        seed: int | None = None,
+        desc: str | None = None,
+    ) -> list[GenResult]:
+        """Generate replies for ``requests``; rows sharing a card prefix and settings share ``generate`` calls.
+
+        Args:
+            requests: N requests (``messages[0]`` the system card; ``cache_key`` the character id).
+            batch_size: rows per ``generate`` call (0 = a whole prefix group at once, as serving does).
+                Within a group rows are sorted by suffix length so a batch pads little.
+            seed: ``torch.manual_seed`` before generating (sampling reproducible), None = leave as is.
+            desc: if given, print progress per batch: ``[desc] done/N replies, new tok/s, ETA``.
+
+        Returns:
+            N results in request order. Raises whatever ``model.generate`` raises.
+        """
+        import torch
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        groups: dict[tuple[str | None, str, int, float], list[int]] = {}
+        suffixes = []
+        for i, r in enumerate(requests):
+            prefix, suffix = self.texts(r.messages)
+            suffixes.append(self.ids(suffix))
+            groups.setdefault((r.cache_key, prefix, r.max_new_tokens, r.temperature), []).append(i)
+        results: list[GenResult | None] = [None] * len(requests)
+        t0, done, new_tokens = time.perf_counter(), 0, 0
+        for (key, prefix, max_new, temp), idx in groups.items():
+            idx = sorted(idx, key=lambda i: len(suffixes[i]))
+            step = batch_size or len(idx)
+            for j in range(0, len(idx), step):
+                rows = idx[j : j + step]
+                outs = self._generate_batch(key, prefix, [suffixes[i] for i in rows], max_new, temp)
+                for i, o in zip(rows, outs, strict=True):
+                    results[i] = o
+                    new_tokens += o.completion_tokens
+                done += len(rows)
+                if desc:
+                    el = time.perf_counter() - t0
+                    print(
+                        f"[{desc}] {done}/{len(requests)} replies, {new_tokens / max(el, 1e-9):.0f} new tok/s, "
+                        f"ETA {el / done * (len(requests) - done):.0f}s",
+                        flush=True,
+                    )
+        return [r for r in results if r is not None]
+
+    def _generate_batch(
+        self, key: str | None, prefix_text: str, s_ids: list[list[int]], max_new: int, temp: float
+    ) -> list[GenResult]:
+        import torch
+
+        t0 = time.perf_counter()
+        p_ids, kv, cached = self.prefix(key, prefix_text)
+        width = max(len(s) for s in s_ids)
+        pad = self.tok.pad_token_id
+        eos = self.tok.eos_token_id
+        rows, masks = [], []
+        for s in s_ids:
+            k = width - len(s)
+            rows.append(p_ids + [pad] * k + s)
+            masks.append([1] * len(p_ids) + [0] * k + [1] * len(s))
+        input_ids = torch.tensor(rows, device=self.device)
+        attention_mask = torch.tensor(masks, device=self.device)
+        gen_kw: dict[str, Any] = dict(
+            max_new_tokens=max_new, do_sample=temp > 0, pad_token_id=pad, eos_token_id=eos
+        )
+        if temp > 0:
+            gen_kw.update(temperature=temp, top_p=0.95)
+        else:
+            gen_kw.update(temperature=None, top_p=None, top_k=None)
+        if kv is not None and len(rows) > 1:
+            kv.batch_repeat_interleave(len(rows))
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, past_key_values=kv, **gen_kw
+            )
+        ms = (time.perf_counter() - t0) * 1000
+        results = []
+        for row, s in zip(out, s_ids, strict=True):
+            new = row[width + len(p_ids) :].tolist()
+            finished = eos in new
+            if finished:
+                new = new[: new.index(eos) + 1]
+            else:
+                while new and new[-1] == pad:
+                    new.pop()
+            results.append(
+                GenResult(decode_reply(self.tok, new), len(p_ids) + len(s), len(new), ms, cached, finished, new)
+            )
+        return results
 
 
 def generate(

@@ -56,7 +56,13 @@ class Paths(_Section):
     sft_model: str = Field("work/models/sft", description="SFT model (HF checkpoint dir)")
     pairs: str = Field("work/pairs", description="DPO preference pairs")
     dpo_model: str = Field("work/models/dpo", description="DPO model (HF checkpoint dir)")
-    eval: str = Field("work/eval", description="metrics.json, report.html, plots")
+    eval: str = Field(
+        "work/eval", description="metrics.json, eval_set.json, samples.jsonl, report.html, plots"
+    )
+    eval_base: str = Field(
+        "work/eval_base",
+        description="the base model's evaluation (troupe evaluate --base-only), reused while items match",
+    )
     registry: str = Field("work/registry", description="gate decision")
     deploy: str = Field(
         "work/deploy", description="smoke request/response of the deployed app, rollout state"
@@ -252,10 +258,21 @@ class Eval(_Section):
     """Evaluation (``troupe evaluate``)."""
 
     max_new_tokens: int = Field(64, ge=1, description="max tokens generated per held-out reply")
-    models: list[Literal["base", "sft", "dpo"]] = Field(
+    models: list[Literal["base", "sft", "dpo", "champion"]] = Field(
         default_factory=lambda: ["base", "sft", "dpo"],
-        description="models evaluated (names of paths.*_model)",
+        description="models evaluated (names of paths.*_model; champion = the registry's champion version)",
     )
+    max_replies_per_split: int = Field(
+        0,
+        ge=0,
+        description="0 = every character turn of each held-out split; else a seeded sample of this many",
+    )
+    seed: int = Field(0, description="seed of the item sample")
+    batch_size: int = Field(
+        8, ge=1, description="replies per generate call (rows share one persona-card prefix)"
+    )
+    prefix_cache_mb: int = Field(256, ge=0, description="persona-card KV cache bound in MiB (0 = no reuse)")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of every metric's interval")
     judge: Judge = Field(default_factory=Judge, description="optional LLM judge")
 
 

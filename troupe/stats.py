@@ -127,7 +127,9 @@ def wilson(k: int, n: int, confidence: float = DEFAULT_CONFIDENCE) -> Estimate:
     den = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return Estimate(p, n, max(0.0, centre - half), min(1.0, centre + half), confidence, "wilson", k=k)
+    lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact at the edges (no rounding residue)
+    hi = 1.0 if k == n else min(1.0, centre + half)
+    return Estimate(p, n, lo, hi, confidence, "wilson", k=k)
 
 
 def rate(flags: Sequence[bool | None], confidence: float = DEFAULT_CONFIDENCE) -> Estimate:
@@ -324,3 +326,42 @@ def combine(verdicts: Sequence[Verdict]) -> str:
     """Overall verdict: ``fail`` if any check fails, else ``insufficient`` if any lacks evidence, else ``pass``."""
     statuses = {v.status for v in verdicts}
     return FAIL if FAIL in statuses else INSUFFICIENT if INSUFFICIENT in statuses else PASS
+
+
+def quantile_interval(
+    sorted_xs: Sequence[float], q: float, confidence: float = DEFAULT_CONFIDENCE
+) -> Estimate:
+    """The ``q``-quantile (``q`` in (0, 1), e.g. 0.95 for a p95 latency) of a sorted sample with a
+    distribution-free confidence interval from order statistics.
+
+    The number of observations below the true quantile is Binomial(n, q), so the order statistics
+    at ranks ``n q -/+ z sqrt(n q (1 - q))`` bracket it with probability ~``confidence`` (normal
+    approximation of the binomial; Conover 1999, *Practical Nonparametric Statistics*, 3rd ed.,
+    sec. 3.2). Ranks outside the sample are clamped to its minimum / maximum, so at small n the
+    interval is the sample range (callers require a minimum n before judging).
+
+    Args:
+        sorted_xs: the sample, ascending (any indexable sequence: list, numpy array).
+        q: the quantile.
+
+    Returns:
+        An :class:`Estimate` (``method="order-statistic"``) whose value is the nearest-rank quantile;
+        :func:`empty` for no data.
+
+    Raises:
+        ValueError: ``q`` outside (0, 1).
+    """
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"quantile_interval: q={q} outside (0, 1)")
+    n = len(sorted_xs)
+    if n == 0:
+        return empty(confidence)
+    z = z_value(confidence)
+    half = z * math.sqrt(n * q * (1 - q))
+    rank = min(n, max(1, math.ceil(q * n)))  # nearest rank, 1-based
+    lo_rank = min(n, max(1, math.floor(n * q - half)))
+    hi_rank = min(n, max(1, math.ceil(n * q + half) + 1))
+    return Estimate(
+        float(sorted_xs[rank - 1]), n, float(sorted_xs[lo_rank - 1]), float(sorted_xs[hi_rank - 1]),
+        confidence, "order-statistic",
+    )  # fmt: skip

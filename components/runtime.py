@@ -210,8 +210,11 @@ def numeric_items(d: Any, prefix: str = "") -> dict[str, float]:
 
 
 def gate_passed(decision: dict[str, Any]) -> bool:
-    """Read a gate ``decision.json``: ``passed``/``approved``/``promote`` true, or ``decision`` in
+    """Read a gate ``decision.json``: ``status`` ``pass`` (Troupe's three-way gate: pass | fail |
+    insufficient), else ``passed``/``approved``/``promote`` true, or ``decision`` in
     promote|pass|passed|approve|approved."""
+    if isinstance(decision.get("status"), str):
+        return decision["status"] == "pass"
     for key in ("passed", "approved", "promote"):
         if isinstance(decision.get(key), bool):
             return decision[key]

@@ -233,23 +233,31 @@ def registry_register(
     gate: Output[Markdown],
 ) -> bool:
     """``troupe registry register``: MLflow registration + gate (the version carries the run's characters
-    from ``splits``); gate.md as Markdown; returns whether the gate passed."""
+    from ``splits``, the whole eval directory is the gate's evidence); gate.md as Markdown; returns
+    whether the gate passed. "Insufficient evidence" (the CLI's exit status 3) is not a task failure:
+    the task succeeds so its gate.md and metadata (``gate_status``, the decision with its verdicts)
+    stay visible, and returns False (no deploy), as on a decided fail."""
     import json
     import shutil
     from pathlib import Path
 
     from components.runtime import gate_passed, resolve, run_step
+    from troupe.registry import INSUFFICIENT_EXIT
 
-    run_step(
-        ["registry", "register"],
-        params_yaml,
-        {
-            "eval": resolve(eval_dir.path),
-            "dpo_model": resolve(dpo_model.path),
-            "splits": resolve(splits.path),
-            "registry": registry.path,
-        },
-    )
+    try:
+        run_step(
+            ["registry", "register"],
+            params_yaml,
+            {
+                "eval": resolve(eval_dir.path),
+                "dpo_model": resolve(dpo_model.path),
+                "splits": resolve(splits.path),
+                "registry": registry.path,
+            },
+        )
+    except SystemExit as e:
+        if e.code != INSUFFICIENT_EXIT:
+            raise
     md = Path(registry.path) / "gate.md"
     if md.is_file():
         shutil.copyfile(md, gate.path)
@@ -257,6 +265,7 @@ def registry_register(
         Path(gate.path).write_text("no gate.md written\n", encoding="utf-8")
     decision = json.loads((Path(registry.path) / "decision.json").read_text(encoding="utf-8"))
     registry.metadata["decision"] = decision
+    registry.metadata["gate_status"] = decision.get("status", "pass" if gate_passed(decision) else "fail")
     return gate_passed(decision)
 
 

@@ -468,3 +468,50 @@ def test_register_without_metrics_names_the_file(tmp_path):
     }
     with pytest.raises(ConfigError, match="metrics.json: not found"):
         register(params)
+
+
+def test_gate_reads_an_eval_directory_on_s3(tmp_path, monkeypatch):
+    """A pipeline run's paths.eval is an S3 URI: the gate reads the same evaluation from there
+    (a moto S3 server in this process)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from tests.conftest import free_port
+    from troupe import storage
+    from troupe.registry import _read_eval
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for k, v in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+        }.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="gate")
+        loc = "s3://gate/run-1/eval"
+        with pytest.raises(ConfigError, match="metrics.json: not found"):
+            _read_eval(loc, tmp_path / "a")
+        for f, text in GOOD_EVAL_FILES.items():
+            storage.write_text(storage.join(loc, f), text)
+        got = _read_eval(loc, tmp_path / "b")
+        local = EvalResult.read(_params_dir(tmp_path / "local", GOOD_EVAL_FILES))
+        assert got.eval_set == local.eval_set and len(got.samples) == len(local.samples) > 0
+        assert combine(gate(got, load_policy(POLICY_FILE), None)) == PASS
+    finally:
+        server.stop()
+
+
+def _params_dir(d: Path, files: dict[str, str]) -> Path:
+    d.mkdir(parents=True)
+    for f, text in files.items():
+        (d / f).write_text(text, encoding="utf-8")
+    return d

@@ -8,9 +8,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from troupe.contract import Dialogue, QuarantineRecord, read_jsonl, to_chat, write_jsonl
+from troupe.config import ConfigError
+from troupe.contract import Character, Dialogue, QuarantineRecord, read_jsonl, to_chat, write_jsonl
 from troupe.data.importers import import_sources, selected_sources, write_import
-from troupe.data.validate import TokenCounter, find_duplicates, load_tokenizer, scrub_pii, validate_dir
+from troupe.data.validate import (
+    TokenCounter,
+    find_duplicates,
+    language_vote,
+    load_tokenizer,
+    reply_violations,
+    scrub_pii,
+    validate_dir,
+)
 from troupe.persona import render_system_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,3 +321,118 @@ def test_unknown_stage_direction_mode(tmp_path, tiny_model_dir):
 
     with pytest.raises(ConfigError, match="data.stage_directions"):
         _stage_run(tmp_path, tiny_model_dir, "drop")
+
+
+# ------------------------------------------------------------------------------------------ language
+
+ZH_REPLIES = [
+    ("去国贸多少钱？", "四十来块吧，晚高峰得加点儿，您坐稳了！"),
+    ("师傅开车多久了？", "二十多年喽，北京的胡同我闭着眼都能钻。"),
+    ("今天堵不堵？", "堵啊，三环跟停车场似的，咱走辅路。"),
+]
+EN_REPLIES = [
+    ("How much to Soho?", "About twelve quid, love, unless the Strand is gridlocked again."),
+    ("How long have you driven?", "Thirty years this spring, and I still know every back street."),
+    ("Is traffic bad today?", "Murder on the Embankment, so we'll nip round by Covent Garden."),
+]
+
+
+def _sharegpt(card: str, pairs: list[tuple[str, str]]) -> list[dict]:
+    return [
+        {
+            "conversations": [
+                {"from": "system", "value": card},
+                {"from": "human", "value": u},
+                {"from": "gpt", "value": a},
+            ]
+        }
+        for u, a in pairs
+    ]
+
+
+def _validate_sharegpt(tmp: Path, model: Path, records: list[dict]):
+    f = tmp / "chats.jsonl"
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    imp = import_sources([{"kind": "sharegpt", "path": str(f)}])
+    write_import(imp, tmp / "imported")
+    res = validate_dir(_params(tmp, model, max_rejected_share=1.0))
+    cards = {c.name: c for c in read_jsonl(tmp / "validated" / "characters.jsonl", Character)}
+    return imp, res, cards
+
+
+def test_language_from_replies_not_card_both_directions(tmp_path, tiny_model_dir):
+    """An English card for a driver who speaks Chinese, a Chinese card for one who speaks English and a
+    mixed card: the card's own language disagrees with the replies, every dialogue is accepted and the
+    cards come out with the replies' language, sourced "replies"."""
+    en_card = "You are Lao Zhang, a Beijing taxi driver. Cheerful, talkative, loves Peking opera."
+    zh_card = "你是Sam，一位伦敦的出租车司机，说话风趣，喜欢足球，总爱抱怨天气和交通。"
+    mixed_card = "You are 阿May, a 香港 bartender. 性格爽朗, loves jazz and 奶茶, 讲话直接。"
+    records = (
+        _sharegpt(en_card, ZH_REPLIES)
+        + _sharegpt(zh_card, EN_REPLIES)
+        + _sharegpt(mixed_card, [(u, a) for u, a in ZH_REPLIES])
+    )
+    imp, res, cards = _validate_sharegpt(tmp_path, tiny_model_dir, records)
+    by_card = {c.profile["description"]: c for c in imp.characters.values()}
+    assert by_card[en_card].language == "en" and by_card[zh_card].language == "zh"  # what the cards say
+    assert res.report["quarantined"] == 0, [q.reason for q in res.quarantined]
+    assert res.report["accepted"] == len(records)
+    langs = res.report["character_languages"]
+    for card, want in ((en_card, "zh"), (zh_card, "en"), (mixed_card, "zh")):
+        c = by_card[card]
+        assert langs[c.id]["language"] == want and langs[c.id]["source"] == "replies", langs[c.id]
+        assert langs[c.id]["card"] == c.language and set(langs[c.id]["votes"]) == {want}
+        assert 2 <= langs[c.id]["identified"] <= langs[c.id]["replies"] == 3
+        assert cards[c.name].language == want  # the accepted cards carry the replies' language
+    assert set(res.report["language_differs_from_card"]) >= {by_card[en_card].id, by_card[zh_card].id}
+    feats = res.features.set_index("dialogue_id")
+    assert set(feats["language_source"]) == {"replies"}
+
+
+def test_minority_wrong_language_still_quarantined_and_card_is_the_fallback(tmp_path, tiny_model_dir):
+    """The majority decides the language; a dialogue in another language is still wrong_language; a
+    character with no identifiable reply keeps its card's language (source "card")."""
+    card = "You are Lao Zhang, a Beijing taxi driver. Cheerful, talkative, loves Peking opera."
+    terse = "You are Kiki, a cat who answers only in sounds. Loves naps and sunny windows."
+    records = _sharegpt(card, ZH_REPLIES + [EN_REPLIES[0]]) + _sharegpt(
+        terse, [("Hi", "Mrr."), ("Food?", "Mew!")]
+    )
+    imp, res, cards = _validate_sharegpt(tmp_path, tiny_model_dir, records)
+    by_card = {c.profile["description"]: c for c in imp.characters.values()}
+    langs = res.report["character_languages"]
+    zhang, kiki = by_card[card].id, by_card[terse].id
+    assert langs[zhang]["language"] == "zh" and langs[zhang]["votes"] == {"zh": 3, "en": 1}
+    assert langs[kiki] == {
+        "language": "en",
+        "source": "card",
+        "card": "en",
+        "votes": {},
+        "replies": 2,
+        "identified": 0,
+    }
+    assert res.report["language_source"] == {"replies": 1, "card": 1}
+    (bad,) = res.quarantined
+    assert bad.reason.startswith("wrong_language") and EN_REPLIES[0][1] in json.dumps(
+        bad.raw, ensure_ascii=False
+    )
+    assert res.report["in"] == res.report["accepted"] + res.report["quarantined"] == len(records)
+
+
+def test_language_vote_ties_and_fallback():
+    assert language_vote("en", ["zh", "zh", None, "en"]).language == "zh"
+    assert language_vote("en", ["zh", "en"]).language == "en"  # tie: the card's language among the tied
+    assert language_vote("ja", ["zh", "en"]).language == "en"  # tie without the card: alphabetical
+    v = language_vote("zh", [None, None])
+    assert (v.language, v.source, v.replies, v.identified) == ("zh", "card", 2, 0)
+
+
+def test_reply_violations_are_the_data_rules():
+    assert reply_violations("刚到的芍药，香得很！<emotion>开心</emotion>", "zh") == []
+    assert reply_violations("（笑着递过花）刚到的芍药！", "zh") == ["stage direction"]
+    assert reply_violations("（笑着递过花）刚到的芍药！", "zh", stage_directions="flag") == []
+    assert reply_violations("Hello there, would you like some lovely flowers?", "zh") == ["language en != zh"]
+    assert reply_violations("好呀<emotion>joyful</emotion>", "zh")[0].startswith("markup:")
+    assert reply_violations("  ", "zh") == ["empty reply"]
+    assert reply_violations("打我电话13812345678吧", "zh") == ["personal data (1 match(es))"]
+    with pytest.raises(ConfigError, match="stage_directions"):
+        reply_violations("好", "zh", stage_directions="drop")

@@ -7,6 +7,17 @@ per rule, ``result_format=COMPLETE`` so every failing row index comes back) -> p
 the survivors -> GX suite ``troupe_cap`` (``data.max_dialogues_per_character``) -> accepted /
 quarantined files, ``report.json``, ``features.csv`` and GX Data Docs (``data_docs/index.html``).
 
+Language: a character's language is inferred from its replies (:func:`language_vote`: the most common
+language among its assistant turns whose language :func:`troupe.checks.detect_language` identifies),
+the persona card's ``language`` only as a fallback (no identified reply) and tie-breaker; the accepted
+``characters.jsonl`` carries the inferred language and ``report.json`` says where each came from
+(``character_languages``). A card written in English for a character who speaks Chinese therefore no
+longer quarantines every dialogue of that character as ``wrong_language``.
+
+Per-reply rules (:func:`reply_violations`: non-empty, markup parses, language, stage directions,
+personal data) are the ones the suite applies per dialogue; DPO pair building checks chosen replies with
+the same function.
+
 The quarantine decision is read from the GX validation results (each expectation's ``meta.reason``
 names its reason code); the Python code only computes features. Counts are conserved:
 ``in == accepted + quarantined``.
@@ -26,7 +37,7 @@ import re
 import time
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +337,15 @@ class Features:
     ``dialogues`` are PII-scrubbed (``data.pii=scrub``) and stage-direction-stripped
     (``data.stage_directions=strip``); ``for_quarantine`` are the same dialogues before stripping (still
     scrubbed, so no personal data reaches the quarantine file, and no reply text is lost).
+    ``characters`` are the cards with their inferred ``language`` (:func:`language_vote`), ``languages``
+    says per character where it came from.
     """
 
     table: pd.DataFrame
     dialogues: list[Dialogue]
     for_quarantine: list[Dialogue]
+    characters: dict[str, Character] = field(default_factory=dict)
+    languages: dict[str, CharacterLanguage] = field(default_factory=dict)
 
 
 #: ``data.stage_directions``: count them, reject the dialogue, or strip them from the replies
@@ -349,6 +364,110 @@ def _rewrite_turns(d: Dialogue, rewrite: Any, apply: bool = True) -> tuple[Dialo
         total += k
         new.append(m.model_copy(update={"content": text}) if k and apply else m)
     return (d.model_copy(update={"messages": new}) if total and apply else d), total
+
+
+@dataclass
+class ReplyFeatures:
+    """Rule features of one reply (:func:`reply_features`).
+
+    Attributes:
+        text: the reply text without markup (what language and stage directions are judged on).
+        markup_errors: :func:`troupe.markup.parse_reply` errors (empty = valid markup).
+        language: ISO 639-1 code by :func:`troupe.checks.detect_language`, None = not identified.
+        stage_direction: the text narrates actions (rule 8, :func:`troupe.checks.has_stage_direction`).
+        pii: personal-data matches :func:`scrub_pii` would replace.
+    """
+
+    text: str
+    markup_errors: list[str]
+    language: str | None
+    stage_direction: bool
+    pii: int
+
+
+def reply_features(content: str) -> ReplyFeatures:
+    """The per-reply features every data rule reads; one implementation for validation and DPO pairs."""
+    parsed = parse_reply(content)
+    return ReplyFeatures(
+        text=parsed.text,
+        markup_errors=list(parsed.errors),
+        language=detect_language(parsed.text),
+        stage_direction=has_stage_direction(parsed.text),
+        pii=scrub_pii(content)[1],
+    )
+
+
+def reply_violations(content: str, language: str, *, stage_directions: str = "reject") -> list[str]:
+    """The rules accepted data holds every reply to, as a list of broken ones (empty = passes).
+
+    ``empty reply``; ``markup: <first error>``; ``language <got> != <language>`` (only an identified
+    language can be wrong: an unidentified one is not counted against a reply here, as in the suite's
+    ``lang_share``); ``stage direction`` when ``stage_directions == "reject"`` (``flag`` / ``strip``
+    accept the reply: strip mode has removed them before this point); ``personal data`` (n matches).
+
+    Args:
+        content: the raw reply (markup allowed).
+        language: the character's language (ISO 639-1).
+        stage_directions: ``data.stage_directions`` mode (flag | reject | strip).
+
+    Raises:
+        ConfigError: an unknown ``stage_directions`` mode.
+    """
+    check_stage_direction_mode(stage_directions)
+    f = reply_features(content)
+    v: list[str] = []
+    if not content.strip() or not f.text.strip():
+        v.append("empty reply")
+    if f.markup_errors:
+        v.append(f"markup: {f.markup_errors[0]}")
+    if f.language is not None and f.language != language:
+        v.append(f"language {f.language} != {language}")
+    if f.stage_direction and stage_directions == "reject":
+        v.append("stage direction")
+    if f.pii:
+        v.append(f"personal data ({f.pii} match(es))")
+    return v
+
+
+@dataclass
+class CharacterLanguage:
+    """A character's language and where it came from (:func:`language_vote`).
+
+    Attributes:
+        language: the language replies are checked against (ISO 639-1).
+        source: ``replies`` (majority of identified replies) or ``card`` (no reply identified).
+        card: the persona card's own ``language``.
+        votes: identified language -> assistant turns, most common first.
+        replies: assistant turns seen; ``identified``: those with an identified language.
+    """
+
+    language: str
+    source: str
+    card: str
+    votes: dict[str, int]
+    replies: int
+    identified: int
+
+
+def language_vote(card_language: str, detected: list[str | None]) -> CharacterLanguage:
+    """A character's language from the detected languages of its replies (None = not identified).
+
+    The most common identified language wins; a tie goes to the card's language when it is among the
+    tied, else to the alphabetically first; with no identified reply the card's language is kept
+    (``source="card"``).
+
+    Args:
+        card_language: the persona card's ``language``.
+        detected: one entry per assistant turn of the character, from :func:`troupe.checks.detect_language`.
+    """
+    votes = Counter(x for x in detected if x is not None)
+    n = sum(votes.values())
+    if not n:
+        return CharacterLanguage(card_language, "card", card_language, {}, len(detected), 0)
+    top = max(votes.values())
+    tied = sorted(lang for lang, k in votes.items() if k == top)
+    lang = card_language if card_language in tied else tied[0]
+    return CharacterLanguage(lang, "replies", card_language, dict(votes.most_common()), len(detected), n)
 
 
 def check_stage_direction_mode(mode: str) -> None:
@@ -372,8 +491,10 @@ def build_features(
 
     Columns: ``dialogue_id``, ``character_id``, ``source``, ``origin_file``, ``origin_line`` (-1 when
     unknown), ``character_known``, ``role_order_ok``, ``n_turns``, ``n_assistant``, ``empty_turns``,
-    ``n_tokens`` (rendered dialogue incl. persona card; 0 for unknown characters), ``lang_share`` (share
-    of assistant turns whose detected language is the character's; undetectable turns count as right),
+    ``n_tokens`` (rendered dialogue incl. persona card; 0 for unknown characters), ``character_language``
+    (inferred from the character's replies, :func:`language_vote`) and ``language_source`` (replies |
+    card), ``lang_share`` (share of assistant turns whose detected language is the character's inferred
+    one; undetectable turns count as right),
     ``wrong_language`` (first offending detected language, "" if none), ``markup_errors`` (assistant
     turns with invalid markup), ``markup_error`` (first error text), ``stage_directions`` (assistant turns
     narrating actions, after stripping), ``stage_directions_stripped`` (spans removed when
@@ -393,14 +514,12 @@ def build_features(
     if pii not in ("scrub", "reject"):
         raise ConfigError(f"data.pii must be scrub or reject, got {pii!r}")
     check_stage_direction_mode(stage_directions)
-    prompts = {cid: render_system_prompt(c) for cid, c in characters.items()}
-    rows: list[dict[str, Any]] = []
     out_dialogues: list[Dialogue] = []
     before_strip: list[Dialogue] = []
-    convs: list[list[dict[str, str]]] = []
-    conv_cards: list[str] = []
-    conv_rows: list[int] = []
-    for i, d in enumerate(dialogues):
+    turn_feats: list[list[ReplyFeatures]] = []
+    counts: list[tuple[int, int]] = []  # (pii_found, stripped) per dialogue
+    detected: dict[str, list[str | None]] = defaultdict(list)
+    for d in dialogues:
         pii_found = stripped = 0
         if any(_PII_SCREEN.search(m.content) for m in d.messages):
             d, pii_found = _rewrite_turns(d, lambda m: scrub_pii(m.content), apply=pii == "scrub")
@@ -409,23 +528,34 @@ def build_features(
             d, stripped = _rewrite_turns(
                 d, lambda m: strip_stage_directions(m.content) if m.role == "assistant" else (m.content, 0)
             )
-        msgs = d.messages
         out_dialogues.append(d)
-        char = characters.get(d.character_id)
+        counts.append((pii_found, stripped))
+        feats = [reply_features(m.content) for m in d.messages if m.role == "assistant"]
+        turn_feats.append(feats)
+        detected[d.character_id].extend(f.language for f in feats)
+    languages = {cid: language_vote(c.language, detected.get(cid, [])) for cid, c in characters.items()}
+    cards = {cid: c.model_copy(update={"language": languages[cid].language}) for cid, c in characters.items()}
+    prompts = {cid: render_system_prompt(c) for cid, c in cards.items()}
+    rows: list[dict[str, Any]] = []
+    convs: list[list[dict[str, str]]] = []
+    conv_cards: list[str] = []
+    conv_rows: list[int] = []
+    for i, (d, feats, (pii_found, stripped)) in enumerate(
+        zip(out_dialogues, turn_feats, counts, strict=True)
+    ):
+        msgs = d.messages
+        char = cards.get(d.character_id)
         lang = char.language if char else ""
-        asst = [m for m in msgs if m.role == "assistant"]
         right, wrong_lang, markup_bad, markup_err, stage = 0, "", 0, "", 0
-        for m in asst:
-            parsed = parse_reply(m.content)
-            if parsed.errors:
+        for f in feats:
+            if f.markup_errors:
                 markup_bad += 1
-                markup_err = markup_err or parsed.errors[0]
-            got = detect_language(parsed.text)
-            if got is None or got == lang:
+                markup_err = markup_err or f.markup_errors[0]
+            if f.language is None or f.language == lang:
                 right += 1
             elif not wrong_lang:
-                wrong_lang = got
-            if has_stage_direction(parsed.text):
+                wrong_lang = f.language
+            if f.stage_direction:
                 stage += 1
         origin = d.meta.get("origin") or {}
         rows.append(
@@ -436,12 +566,14 @@ def build_features(
                 "origin_file": str(origin.get("file", "")),
                 "origin_line": int(origin["line"]) if isinstance(origin.get("line"), int) else -1,
                 "character_known": char is not None,
+                "character_language": lang,
+                "language_source": languages[d.character_id].source if char else "",
                 "role_order_ok": role_order_ok(msgs),
                 "n_turns": len(msgs),
-                "n_assistant": len(asst),
+                "n_assistant": len(feats),
                 "empty_turns": sum(1 for m in msgs if not m.content.strip()),
                 "n_tokens": 0,
-                "lang_share": right / len(asst) if asst else 1.0,
+                "lang_share": right / len(feats) if feats else 1.0,
                 "wrong_language": wrong_lang,
                 "markup_errors": markup_bad,
                 "markup_error": markup_err,
@@ -474,6 +606,8 @@ def build_features(
         "origin_file",
         "origin_line",
         "character_known",
+        "character_language",
+        "language_source",
         "role_order_ok",
         "n_turns",
         "n_assistant",
@@ -492,7 +626,13 @@ def build_features(
         "duplicate_of",
     ]
     table = pd.DataFrame(rows, columns=cols)
-    return Features(table=table, dialogues=out_dialogues, for_quarantine=before_strip)
+    return Features(
+        table=table,
+        dialogues=out_dialogues,
+        for_quarantine=before_strip,
+        characters=cards,
+        languages=languages,
+    )
 
 
 # --------------------------------------------------------------------------------------- GX suites
@@ -686,12 +826,14 @@ class _GX:
 
 @dataclass
 class ValidationResult:
-    """Accepted dialogues, quarantine records, the report dict and the feature table."""
+    """Accepted dialogues, quarantine records, the report dict, the feature table and the cards with
+    their inferred languages."""
 
     accepted: list[Dialogue]
     quarantined: list[QuarantineRecord]
     report: dict[str, Any]
     features: pd.DataFrame
+    characters: dict[str, Character] = field(default_factory=dict)
 
 
 def validate_records(
@@ -714,7 +856,10 @@ def validate_records(
     Returns:
         :class:`ValidationResult`; ``report`` holds ``in``, ``accepted``, ``quarantined`` (``in ==
         accepted + quarantined``), ``by_reason`` (records per reason code; a record may have several),
-        ``per_character`` and ``flags`` (stage directions, scrubbed PII), plus ``timings`` in seconds.
+        ``per_character`` and ``flags`` (stage directions, scrubbed PII), ``character_languages`` (per
+        character: ``language``, ``source`` replies | card, ``card``, ``votes``, ``replies``,
+        ``identified``), ``language_source`` (characters per source), ``language_differs_from_card``
+        (ids), plus ``timings`` in seconds; ``characters`` holds the cards with the inferred language.
     """
     t0 = time.perf_counter()
     feats = build_features(
@@ -785,10 +930,15 @@ def validate_records(
             "pii_scrubbed_matches": int(df["pii_found"].sum()) if n and rules.pii == "scrub" else 0,
         },
         "per_character": per_char,
+        "character_languages": {cid: asdict(v) for cid, v in sorted(feats.languages.items())},
+        "language_source": dict(Counter(v.source for v in feats.languages.values())),
+        "language_differs_from_card": sorted(c for c, v in feats.languages.items() if v.language != v.card),
         "rules": rules.__dict__,
         "timings": {"features_s": round(t1 - t0, 3), "gx_s": round(t2 - t1, 3)},
     }
-    return ValidationResult(accepted=accepted, quarantined=quarantined, report=report, features=df)
+    return ValidationResult(
+        accepted=accepted, quarantined=quarantined, report=report, features=df, characters=feats.characters
+    )
 
 
 def validate_dir(params: dict[str, Any], tokenizer: Any | None = None) -> ValidationResult:
@@ -797,7 +947,7 @@ def validate_dir(params: dict[str, Any], tokenizer: Any | None = None) -> Valida
     Reads ``characters.jsonl`` / ``dialogues.jsonl`` (+ ``import_errors.jsonl`` and
     ``import_report.json`` when present, carried into the report), loads the tokenizer from
     ``paths.base_model`` unless one is given, and writes ``dialogues.jsonl`` (accepted),
-    ``characters.jsonl``, ``quarantine.jsonl``, ``features.csv``, ``report.json`` and ``data_docs/``.
+    ``characters.jsonl`` (every card, ``language`` as inferred from its replies), ``quarantine.jsonl``, ``features.csv``, ``report.json`` and ``data_docs/``.
 
     Raises:
         ContractError: missing / non-UTF-8 / malformed input files.
@@ -843,7 +993,7 @@ def validate_dir(params: dict[str, Any], tokenizer: Any | None = None) -> Valida
     res.report["max_rejected_share"] = float(data.get("max_rejected_share", 1.0))
     res.report["data_docs"] = str(docs / "index.html")
     write_jsonl(out / "dialogues.jsonl", res.accepted)
-    write_jsonl(out / "characters.jsonl", characters.values())
+    write_jsonl(out / "characters.jsonl", res.characters.values())
     write_jsonl(out / "quarantine.jsonl", res.quarantined)
     res.features.to_csv(out / "features.csv", index=False)
     (out / "report.json").write_text(json.dumps(res.report, ensure_ascii=False, indent=2), encoding="utf-8")

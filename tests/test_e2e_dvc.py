@@ -62,16 +62,19 @@ def pipeline_repo(tmp_path_factory, mlflow_server):
     port = free_port()
     params["serve"]["port"] = port
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
-    # the tiny random model cannot pass quality thresholds; the gate still runs on the same metrics
+    # the tiny random model cannot pass quality thresholds and evaluates few replies: the gate still
+    # reads the same estimates, with bounds every measured rate meets and no minimum n
     (repo / "configs" / "gate_policy.yaml").write_text(
         yaml.safe_dump(
             {
                 "candidate": "dpo",
+                "confidence": 0.95,
+                "min_n": 1,
                 "absolute": {
-                    "heldout_characters.markup_validity": {"min": 0.0},
-                    "heldout_dialogues.replies": {"min": 1},
+                    "heldout_characters.truncated": {"max": 1.0},
+                    "heldout_dialogues.empty_reply": {"max": 1.0},
                 },
-                "no_regression": {"max_regression": 1.0, "metrics": ["heldout_characters.markup_validity"]},
+                "no_regression": {"margin": 1.0, "metrics": {"heldout_characters.truncated": "lower"}},
             }
         )
     )

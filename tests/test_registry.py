@@ -57,6 +57,7 @@ def make_result(
     seed: int = 0,
     per_dialogue: int = 5,
     champion_version: str | None = None,
+    settings: dict | None = None,
 ) -> EvalResult:
     """An evaluation of ``models`` (name -> metric -> true rate) on ``n`` items per held-out split.
 
@@ -96,6 +97,8 @@ def make_result(
     }
     if champion_version is not None:
         eval_set["champion_version"] = champion_version
+    if settings is not None:
+        eval_set["settings"] = settings
     return EvalResult(metrics, eval_set, samples)
 
 
@@ -106,7 +109,9 @@ def stored_champion(result: EvalResult, version: str, model: str = "dpo") -> Cha
         for s in result.samples
         if s["model"] == model
     ]
-    hashes = {s: v["sha256"] for s, v in result.eval_set.items() if isinstance(v, dict)}
+    hashes = {s: v["sha256"] for s, v in result.eval_set.items() if isinstance(v, dict) and "sha256" in v}
+    if "settings" in result.eval_set:
+        hashes["settings"] = result.eval_set["settings"]
     return Champion(version, hashes, lambda: rows)
 
 
@@ -335,6 +340,15 @@ def test_champion_scored_on_another_eval_set_gives_insufficient(policy):
         for v in regs
     )
     assert combine(verdicts) == INSUFFICIENT and not loaded  # scores of another set are never read
+    # the same items generated with other settings (a longer reply budget) are not comparable either
+    short = stored_champion(make_result({"dpo": GOOD_RATES}, settings={"max_new_tokens": 48, "seed": 0}), "5")
+    verdicts = gate(
+        make_result({"dpo": GOOD_RATES}, settings={"max_new_tokens": 64, "seed": 0}), policy, short
+    )
+    v = by_rule(verdicts, "heldout_dialogues.language_consistency: paired")
+    assert v.status == INSUFFICIENT and "max_new_tokens 48 vs 64" in v.detail
+    same = make_result({"dpo": GOOD_RATES}, settings={"max_new_tokens": 48, "seed": 0})
+    assert combine(gate(same, policy, short)) == PASS
     # an evaluation that scored an older champion cannot stand in for the current one
     stale = make_result({"dpo": GOOD_RATES, CHAMPION_MODEL: GOOD_RATES}, champion_version="4")
     v = by_rule(gate(stale, policy, Champion("5")), "heldout_characters.language_consistency: paired")

@@ -139,6 +139,11 @@ class Split(_Section):
     max_eval_dialogues: int = Field(
         6, ge=0, description="cap per held-out split (0 = all); generation is the slow part"
     )
+    shared_prefix_turns: int = Field(
+        2,
+        ge=1,
+        description="dialogues sharing their first k turns (or a prefix, or a source dialogue) split together",
+    )
 
 
 class Model(_Section):
@@ -218,7 +223,9 @@ class Pairs(_Section):
     """Preference pair generation (``troupe train pairs``)."""
 
     samples_per_prompt: int = Field(
-        1, ge=1, description="replies sampled per prompt (not read yet: one is drawn)"
+        1,
+        ge=1,
+        description="replies sampled per prompt and model; the one breaking the most rules is rejected",
     )
     max_new_tokens: int = Field(48, ge=1, description="max tokens of a sampled reply")
     temperature: float = Field(0.9, ge=0, description="sampling temperature")

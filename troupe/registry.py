@@ -148,8 +148,9 @@ class Champion:
 
     Attributes:
         version: its version number.
-        eval_set: ``{split: sha256}`` of the eval set its stored scores came from (version tag
-            ``troupe.eval_set``; empty when registered before eval sets were recorded).
+        eval_set: ``{split: sha256}`` of the eval set its stored scores came from, and the evaluation
+            ``settings`` (version tag ``troupe.eval_set``; empty when registered before eval sets
+            were recorded).
         scores: loads its stored per-item scores (``scores.jsonl`` rows: split, dialogue_id, turn,
             scores); None when it has none. Called only when the sets match.
     """
@@ -267,6 +268,20 @@ def _pair_source(result: EvalResult, champion: Champion, split: str) -> _Pairing
     entry = result.eval_set.get(split)
     mine = entry.get("sha256") if isinstance(entry, dict) else None
     theirs = champion.eval_set.get(split)
+    mine_settings, their_settings = result.eval_set.get("settings"), champion.eval_set.get("settings")
+    if mine and theirs == mine and mine_settings and their_settings and mine_settings != their_settings:
+        changed = sorted(
+            k for k in {*mine_settings, *their_settings} if mine_settings.get(k) != their_settings.get(k)
+        )
+        return (
+            None,
+            set(),
+            (
+                f"{stale}champion v{champion.version} was scored on the same items with other evaluation settings "
+                f"({', '.join(f'{k} {their_settings.get(k)} vs {mine_settings.get(k)}' for k in changed)}): add "
+                "`champion` to eval.models so `troupe evaluate` scores it with these settings"
+            ),
+        )
     if mine and theirs == mine and champion.scores is not None:
         rows = [r for r in champion.scores() if r.get("split") == split]
         if rows:
@@ -577,9 +592,11 @@ def _record(
     status = combine(verdicts)
     passed = status == PASS
     cand_metrics = result.metrics[cand_name]
-    eval_hashes = {
+    eval_hashes: dict[str, Any] = {
         s: v["sha256"] for s, v in result.eval_set.items() if isinstance(v, dict) and v.get("sha256")
     }
+    if isinstance(result.eval_set.get("settings"), dict):  # generation settings the scores depend on
+        eval_hashes["settings"] = result.eval_set["settings"]
     score_rows = [
         {
             "split": s["split"],

@@ -185,3 +185,24 @@ def test_real_charactereval_and_character100_every_record_accounted(tmp_path):
     assert all(c.language == "zh" for c in res.characters.values() if c.id.startswith("ce-"))
     report = write_import(res, tmp_path)
     assert report["totals"]["seen"] == report["totals"]["imported"] + report["totals"]["errors"]
+
+
+def test_charactereval_cuts_of_one_scene_share_a_source_dialogue(tmp_path):
+    """Two roles' cuts of one scene (one a prefix of the other) get one ``source_dialogue``; another
+    scene of the same novel gets another."""
+    (tmp_path / "character_profiles.json").write_text("{}", encoding="utf-8")
+    scene = "掌柜：阿福，门口扫了没？\n阿福：扫了扫了。\n掌柜：那地上怎么还有叶子？\n阿福：风刮的！"
+    recs = [
+        {"id": 1, "role": "阿福", "novel_name": "客栈", "context": scene},
+        {"id": 2, "role": "掌柜", "novel_name": "客栈", "context": scene.rsplit("\n", 1)[0]},
+        {"id": 3, "role": "阿福", "novel_name": "客栈", "context": "  " + scene.replace("\n", "\n\n", 1)},
+        {"id": 4, "role": "阿福", "novel_name": "客栈", "context": "掌柜：今天进货。\n阿福：进多少？"},
+    ]
+    (tmp_path / "test_data.jsonl").write_text(json.dumps(recs, ensure_ascii=False), encoding="utf-8")
+    res = import_sources([{"kind": "charactereval", "path": str(tmp_path)}])
+    src = {d.meta["charactereval_id"]: d.meta["source_dialogue"] for d in res.dialogues}
+    assert len(src) == 4 and src[1] == src[2] == src[3] != src[4]
+    assert {d.character_id for d in res.dialogues if d.meta["charactereval_id"] in (1, 2)} == {
+        "ce-阿福",
+        "ce-掌柜",
+    }

@@ -529,3 +529,36 @@ def _params_dir(d: Path, files: dict[str, str]) -> Path:
     for f, text in files.items():
         (d / f).write_text(text, encoding="utf-8")
     return d
+
+
+def test_kfp_register_step_shows_insufficient_evidence(mlflow_server, tmp_path, tiny_model_dir, monkeypatch):
+    """The KFP component: an insufficient gate (CLI exit 3) is no task failure; it returns False (no
+    deploy) with gate.md and the decision in its outputs; other errors still fail the task."""
+    from kfp.dsl import Artifact, Markdown
+
+    from components import steps
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("TROUPE_PIPELINE_RUN", "test-run-kfp")
+    params = _params(tmp_path, tiny_model_dir, make_result({"dpo": GOOD_RATES}, n=30), "troupe-kfp-gate")
+    out = {k: Artifact(name=k, uri=str(tmp_path / "kfp" / k)) for k in ("eval", "dpo", "splits", "registry")}
+    (tmp_path / "kfp").mkdir()
+    for k, key in (("eval", "eval"), ("dpo", "dpo_model"), ("splits", "splits")):
+        shutil.copytree(params["paths"][key], out[k].path)
+    gate_md = Markdown(name="gate", uri=str(tmp_path / "kfp" / "gate.md"))
+    run = steps.registry_register.python_func
+    kw = {
+        "eval_dir": out["eval"],
+        "dpo_model": out["dpo"],
+        "splits": out["splits"],
+        "registry": out["registry"],
+    }
+    passed = run(params_yaml=yaml.safe_dump({"registry": params["registry"]}), gate=gate_md, **kw)
+    assert passed is False
+    assert out["registry"].metadata["gate_status"] == INSUFFICIENT
+    assert out["registry"].metadata["decision"]["status"] == INSUFFICIENT
+    assert "# Gate decision: INSUFFICIENT EVIDENCE" in Path(gate_md.path).read_text()
+    shutil.rmtree(out["eval"].path)
+    with pytest.raises(SystemExit) as e:  # a missing metrics.json is an error, not a verdict
+        run(params_yaml=yaml.safe_dump({"registry": params["registry"]}), gate=gate_md, **kw)
+    assert e.value.code == 2

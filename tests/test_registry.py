@@ -271,6 +271,10 @@ def test_unmeasured_or_bare_metrics_are_insufficient(policy):
     verdicts = gate(bare, policy, None)
     assert combine(verdicts) == INSUFFICIENT
     assert all("re-run `troupe evaluate`" in v.detail for v in verdicts if v.rule != "no_regression")
+    untagged = make_result({"dpo": worse(tag_rate=0.0)})  # markup validity applies to no reply
+    v = by_rule(gate(untagged, policy, None), "heldout_dialogues.markup_validity")
+    assert v.status == INSUFFICIENT and v.estimate.n == 0 and "none of the 250 replies" in v.detail
+    assert by_rule(gate(untagged, policy, None), "heldout_dialogues.tag_rate").status == FAIL
     missing = make_result({"dpo": {k: v for k, v in GOOD_RATES.items() if k != "tag_rate"}})
     v = by_rule(gate(missing, policy, None), "heldout_dialogues.tag_rate")
     assert v.status == INSUFFICIENT and "not measured" in v.detail

@@ -207,10 +207,15 @@ def _absolute(
             f"not measured: metrics.json has no {key} for the candidate (re-run `troupe evaluate`, or check the name)",
         )  # fmt: skip
     e = _at_confidence(e, conf)
-    if not e.n or math.isnan(e.value):
+    if not e.n and not math.isnan(e.value):  # a bare number: Estimate.from_dict reads it as n = 0
         return Verdict(
             INSUFFICIENT, rule, e,
             "no sample size or interval (a metrics.json written before estimates): re-run `troupe evaluate`",
+        )  # fmt: skip
+    if not e.n or math.isnan(e.value):
+        return Verdict(
+            INSUFFICIENT, rule, e,
+            f"n = 0: none of the {replies} replies on {key.split('.')[0]} is one this metric applies to",
         )  # fmt: skip
     if math.isnan(e.lo) or math.isnan(e.hi):
         return Verdict(INSUFFICIENT, rule, e, "no interval (one dialogue only): evaluate more dialogues")

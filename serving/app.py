@@ -29,7 +29,6 @@ Import path ``serving.app:build_app`` (Helm RayService chart, ``troupe deploy``)
 
 import asyncio
 import copy
-import hashlib
 import json
 import logging
 import random
@@ -39,6 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -47,6 +47,7 @@ from ray import serve
 from serving import contract
 from serving.backend import vllm_chat
 from serving.gateway import (
+    CONVERSATION_HEADER,
     GatewayError,
     Limits,
     StickyRouter,
@@ -56,6 +57,7 @@ from serving.gateway import (
     load_key_hashes,
     parse_messages,
     split_reply,
+    sticky_key,
 )
 from troupe.config import repo_path
 
@@ -412,6 +414,45 @@ class Model:
         }
 
 
+# -- rollout statistics, shared by every Router replica ------------------------------------------
+@ray.remote(num_cpus=0)
+class RolloutStats:
+    """Router events of one application from all its Router replicas: the controller reads every
+    request, not the share one replica saw. One named, detached actor per application
+    (:func:`serving.contract.stats_actor_name` in namespace :data:`serving.contract.STATS_NAMESPACE`),
+    created by the first Router replica and found by the others (``get_if_exists``); it outlives
+    app redeploys, and stats are always read for a window (``since``), so old events do not leak
+    into a new step.
+
+    Args:
+        window: events kept (the oldest are dropped first).
+    """
+
+    def __init__(self, window: int = 50000) -> None:
+        self.events: deque[tuple] = deque(maxlen=int(window))
+
+    def record(self, event: tuple) -> None:
+        """Add one event ``(unix_s, variant, ok, latency_ms, markup_bad, language_bad, phrase)``."""
+        self.events.append(tuple(event))
+
+    def summary(self, since: float = 0.0) -> dict[str, Any]:
+        """:func:`serving.gateway.aggregate_events` of the events since ``since`` (unix seconds)."""
+        return aggregate_events(self.events, since)
+
+    def count(self) -> int:
+        return len(self.events)
+
+
+def stats_actor(app: str, window: int = 50000):
+    """The application's :class:`RolloutStats` actor (created on first use)."""
+    return RolloutStats.options(
+        name=contract.stats_actor_name(app),
+        namespace=contract.STATS_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(window)
+
+
 # -- router / gateway -----------------------------------------------------------------------------
 api = FastAPI(title="Troupe role-play gateway")
 
@@ -461,7 +502,8 @@ class Router:
         self.rollback_reason = ""
         self.retry = bool(cfg.get("router", {}).get("retry_on_canary_error", True))
         self.vllm = cfg.get("backend") == "vllm"
-        self.events: deque[tuple] = deque(maxlen=int(cfg.get("router", {}).get("stats_window", 50000)))
+        self.stats_window = int(cfg.get("router", {}).get("stats_window", 50000))
+        self._stats = stats_actor(contract.app_name(self.env), self.stats_window)
         self.versions: dict[str, str] = {}
         self.model_calls = 0  # requests forwarded to a model (rejections never count)
         tags = ("variant", "env")
@@ -545,13 +587,13 @@ class Router:
             )
         return v
 
-    def _prepare(self, data: dict[str, Any], cid: Any, conv: Any) -> dict[str, Any]:
+    def _prepare(self, data: dict[str, Any], cid: Any, headers: dict[str, str]) -> dict[str, Any]:
+        """Character, prompt and routing key of a request (:func:`serving.gateway.sticky_key`:
+        conversation id, else the client's user / session id, else a random id returned to it)."""
         char = self._character(cid)
         msgs = parse_messages(data.get("messages"), self.limits)
         prompt = build_prompt(char, msgs, self.limits)
-        if conv is None:  # stable per conversation: character + first user turn
-            first = next(m.content for m in msgs if m.role == "user")
-            conv = hashlib.sha256(f"{char.id}\x00{first}".encode()).hexdigest()[:16]
+        conv, _ = sticky_key(data.get("conversation_id"), data.get("user"), headers)
         payload = {"messages": prompt, "cache_key": char.id, "max_new_tokens": self._max_new(data)}
         if data.get("temperature") is not None:
             t = data["temperature"]
@@ -560,7 +602,7 @@ class Router:
             payload["temperature"] = float(t)
         return {"character": char, "conversation_id": str(conv), "payload": payload}
 
-    def _record(self, variant: str, ok: bool, ms: float, reply: str | None, char) -> None:
+    async def _record(self, variant: str, ok: bool, ms: float, reply: str | None, char) -> None:
         tags = {"variant": variant, "env": self.env}
         q = (False, False, False)
         if ok:
@@ -576,7 +618,13 @@ class Router:
                         self.m_quality.inc(tags={**tags, "check": name})
         else:
             self.m_errors.inc(tags=tags)
-        self.events.append((time.time(), variant, ok, ms, *q))
+        event = (time.time(), variant, ok, ms, *q)
+        try:  # awaited, so a stats read after the reply sees this request
+            await self._stats.record.remote(event)
+        except Exception as e:  # the stats actor died: a new one, the reply still goes out
+            log.warning("rollout stats actor unavailable (%s); recreating it", e)
+            self._stats = stats_actor(contract.app_name(self.env), self.stats_window)
+            self.m_errors.inc(tags={"variant": "stats", "env": self.env})
 
     async def _call_model(self, variant: str, payload: dict[str, Any]) -> dict[str, Any]:
         h = self.handles[variant]
@@ -592,7 +640,7 @@ class Router:
         try:
             out = await self._call_model(variant, prep["payload"])
         except Exception as e:
-            self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+            await self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
             if variant != contract.CANARY or not self.retry:
                 raise
             log.warning("canary call failed (%s); retrying on stable", e)
@@ -601,9 +649,9 @@ class Router:
             try:
                 out = await self._call_model(variant, prep["payload"])
             except Exception:
-                self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+                await self._record(variant, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
                 raise
-        self._record(variant, True, (time.perf_counter() - t0) * 1000, out["text"], prep["character"])
+        await self._record(variant, True, (time.perf_counter() - t0) * 1000, out["text"], prep["character"])
         self.versions[variant] = out.get("model_version", "")
         return out, variant
 
@@ -631,7 +679,7 @@ class Router:
 
         try:
             data = await self._read_json(request)
-            prep = self._prepare(data, data.get("character_id"), data.get("conversation_id"))
+            prep = self._prepare(data, data.get("character_id"), dict(request.headers))
         except GatewayError as e:
             return self._error(e)
         try:
@@ -642,7 +690,7 @@ class Router:
         msgs = split_reply(parsed.text, self.cps)
         if msgs and parsed.images:
             msgs[-1]["images"] = [i.__dict__ for i in parsed.images]
-        return {
+        body = {
             "text": parsed.text,
             "raw": out["text"],
             "emotion": parsed.emotion,
@@ -659,18 +707,20 @@ class Router:
                 "completion_tokens": out.get("completion_tokens"),
             },
         }
+        return JSONResponse(body, headers={CONVERSATION_HEADER: prep["conversation_id"]})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         """OpenAI chat completions; ``model`` is a character id (or ``served_model_name`` +
-        ``character_id``); conversation id from ``conversation_id``, ``user`` or ``x-conversation-id``."""
+        ``character_id``). Routing key (:func:`serving.gateway.sticky_key`): ``conversation_id`` /
+        ``x-conversation-id``, else the OpenAI ``user`` field / ``x-session-id``, else a random id;
+        the key used comes back in ``troupe.conversation_id`` and the ``x-conversation-id`` header."""
         try:
             data = await self._read_json(request)
             cid = data.get("model")
             if cid == self.served_name or cid not in self.characters:
                 cid = data.get("character_id", cid)
-            conv = data.get("conversation_id") or data.get("user") or request.headers.get("x-conversation-id")
-            prep = self._prepare(data, cid, conv)
+            prep = self._prepare(data, cid, dict(request.headers))
             if data.get("n", 1) != 1:
                 raise GatewayError(400, "invalid_request", "n must be 1")
         except GatewayError as e:
@@ -679,12 +729,16 @@ class Router:
         created = int(time.time())
         model_id = prep["character"].id
         if data.get("stream"):
-            return StreamingResponse(self._sse(prep, rid, created, model_id), media_type="text/event-stream")
+            return StreamingResponse(
+                self._sse(prep, rid, created, model_id),
+                media_type="text/event-stream",
+                headers={CONVERSATION_HEADER: prep["conversation_id"]},
+            )
         try:
             out, variant = await self._generate(prep)
         except Exception as e:
             return JSONResponse({"error": {"code": "model_error", "message": str(e)[:500]}}, status_code=503)
-        return {
+        body = {
             "id": rid,
             "object": "chat.completion",
             "created": created,
@@ -707,6 +761,7 @@ class Router:
                 "conversation_id": prep["conversation_id"],
             },
         }
+        return JSONResponse(body, headers={CONVERSATION_HEADER: prep["conversation_id"]})
 
     async def _sse(self, prep: dict[str, Any], rid: str, created: int, model_id: str):
         def chunk(delta: dict[str, Any], finish: str | None = None, extra: dict | None = None) -> str:
@@ -738,12 +793,12 @@ class Router:
                         pieces.append(piece)
                         yield chunk({"content": piece})
                 variant = attempt
-                self._record(
+                await self._record(
                     attempt, True, (time.perf_counter() - t0) * 1000, "".join(pieces), prep["character"]
                 )
                 break
             except Exception as e:
-                self._record(attempt, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
+                await self._record(attempt, False, (time.perf_counter() - t0) * 1000, None, prep["character"])
                 if attempt == contract.STABLE or pieces or not self.retry:  # cannot retry after output began
                     err = {"error": {"code": "model_error", "message": str(e)[:500]}}
                     yield f"data: {json.dumps(err)}\n\n"
@@ -759,10 +814,13 @@ class Router:
             check_api_key(dict(request.headers), self.keys, self.require_key)
         except GatewayError as e:
             return self._error(e)
-        return self.stats(since)
+        return await self.stats(since)
 
-    def stats(self, since: float = 0.0) -> dict[str, Any]:
-        """The JSON served by ``GET /v1/rollout/stats`` (see :func:`aggregate_events`)."""
+    async def stats(self, since: float = 0.0) -> dict[str, Any]:
+        """The JSON served by ``GET /v1/rollout/stats``: the Router settings of this replica and the
+        variants' counters over ALL Router replicas since ``since`` (the :class:`RolloutStats`
+        actor; :func:`serving.gateway.variant_summary`)."""
+        variants = await self._stats.summary.remote(since)
         return {
             "env": self.env,
             "now": time.time(),
@@ -774,7 +832,7 @@ class Router:
             "pinned_conversations": self.router.pinned,
             "model_calls": self.model_calls,
             "model_versions": dict(self.versions),
-            "variants": aggregate_events(self.events, since),
+            "variants": variants,
         }
 
 

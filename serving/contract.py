@@ -52,6 +52,12 @@ CHARACTERS_FILE = "characters.jsonl"
 CHARACTERS_URI_TAG = "troupe.characters_uri"
 CHARACTERS_SHA256_TAG = "troupe.characters_sha256"
 
+#: Rollout statistics: one named, detached Ray actor per application aggregates the events of all
+#: Router replicas (``serving.app.RolloutStats``); ``GET <prefix>/v1/rollout/stats?since=<unix s>``
+#: serves them with the Router settings.
+STATS_NAMESPACE = "troupe"
+STATS_ENDPOINT = "/v1/rollout/stats"
+
 #: Serving environments (``configs/serving/<env>.yaml``, chart value ``environment``).
 ENVS = ("test", "production")
 
@@ -59,6 +65,11 @@ ENVS = ("test", "production")
 def app_name(env: str) -> str:
     """Serve application name of an environment: ``troupe-test``, ``troupe-production``."""
     return f"troupe-{env}"
+
+
+def stats_actor_name(app: str) -> str:
+    """Name of an application's rollout stats actor (namespace :data:`STATS_NAMESPACE`)."""
+    return f"troupe-stats-{app}"
 
 
 def model_version_uri(model_name: str, version: str | int) -> str:

@@ -205,6 +205,42 @@ def choose_variant(conversation_id: str, canary_weight_percent: float) -> str:
     return CANARY if bucket(conversation_id) < canary_weight_percent else STABLE
 
 
+#: Request headers that name a conversation or a client session (stickiness keys), and the
+#: response header that returns the key the Router used.
+CONVERSATION_HEADER = "x-conversation-id"
+SESSION_HEADER = "x-session-id"
+
+
+def sticky_key(
+    conversation_id: Any = None, user: Any = None, headers: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """The key a request is routed by, and where it came from.
+
+    Order: the body's ``conversation_id``, the ``x-conversation-id`` header, the OpenAI ``user``
+    field, the ``x-session-id`` header; with none of them a random id (``uuid4``) that the Router
+    returns to the client (``x-conversation-id`` response header and the body's
+    ``conversation_id``) so its next turn can send it back. Never the message text: keying on it
+    sent every conversation that opens with the same "你好" to the same variant.
+
+    Returns:
+        ``(key, source)`` with source ``conversation_id`` | ``user`` | ``session`` | ``generated``;
+        user and session keys are prefixed (``user:``, ``session:``) so they cannot collide with
+        conversation ids.
+    """
+    import uuid
+
+    h = {k.lower(): v for k, v in (headers or {}).items()}
+    for value, source, prefix in (
+        (conversation_id, "conversation_id", ""),
+        (h.get(CONVERSATION_HEADER), "conversation_id", ""),
+        (user, "user", "user:"),
+        (h.get(SESSION_HEADER), "session", "session:"),
+    ):
+        if value is not None and str(value).strip():
+            return f"{prefix}{str(value).strip()}", source
+    return uuid.uuid4().hex, "generated"
+
+
 class StickyRouter:
     """Weighted stable/canary split, sticky per conversation.
 
@@ -275,6 +311,11 @@ def split_reply(text: str, chars_per_sec: float = 4.0, min_chars: int = 2) -> li
 
 
 # -- rollout statistics ---------------------------------------------------------------------------
+#: Live reply-rule checks the Router counts per variant (:func:`troupe.checks.check_reply`), in the
+#: order of the three flags of a router event; ``<check>_rate`` is the share of ok replies breaking it.
+RULE_CHECKS = ("markup_invalid", "language_mismatch", "assistant_phrase")
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     """Nearest-rank ``q``-th percentile (0-100) of ``xs``; None for an empty list."""
     if not xs:
@@ -283,28 +324,62 @@ def percentile(xs: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, max(0, int(round(q / 100 * len(s) + 0.5)) - 1))]
 
 
-def aggregate_events(events: Any, since: float = 0.0) -> dict[str, dict[str, Any]]:
-    """Per-variant summary of router events ``(ts, variant, ok, ms, markup_bad, lang_bad, phrase)``.
+def variant_summary(
+    requests: int, errors: int, rule_counts: dict[str, int], sorted_latencies_ms: Any
+) -> dict[str, Any]:
+    """One variant's entry of ``GET /v1/rollout/stats`` ``variants`` (what the rollout reads).
 
-    Returns ``{variant: {requests, ok, errors, error_rate, p50_ms, p95_ms, markup_invalid_rate,
-    language_mismatch_rate, assistant_phrase_rate}}``; rates are over ``ok`` replies (errors over
-    all requests); latencies in ms (None without replies).
+    Args:
+        requests: model calls in the window (ok + failed).
+        errors: failed model calls.
+        rule_counts: ok replies breaking each of :data:`RULE_CHECKS`.
+        sorted_latencies_ms: latencies of the ok replies in ms, ascending (list or numpy array).
+
+    Returns:
+        ``{requests, ok, errors, error_rate, p50_ms, p95_ms, p95, counts, <check>_rate...}``: counts
+        are raw (the controller builds its Wilson / Newcombe intervals from them); ``p95`` is the
+        p95 latency with its distribution-free 95 % interval (:func:`troupe.stats.quantile_interval`,
+        an :class:`~troupe.stats.Estimate` dict); rates are over ok replies, errors over requests.
     """
+    from troupe.stats import quantile_interval
+
+    ok = requests - errors
+    lat = sorted_latencies_ms
+    out: dict[str, Any] = {
+        "requests": int(requests),
+        "ok": int(ok),
+        "errors": int(errors),
+        "error_rate": errors / requests if requests else 0.0,
+        "p50_ms": float(lat[max(0, -(-len(lat) // 2) - 1)]) if len(lat) else None,
+        "p95_ms": None,
+        "p95": _estimate_dict(quantile_interval(lat, 0.95)),
+        "counts": {c: int(rule_counts.get(c, 0)) for c in RULE_CHECKS},
+    }
+    out["p95_ms"] = out["p95"]["value"]
+    for c in RULE_CHECKS:
+        out[f"{c}_rate"] = out["counts"][c] / ok if ok else 0.0
+    return out
+
+
+def _estimate_dict(e: Any) -> dict[str, Any]:
+    """``Estimate.to_dict()`` without ``dataclasses.asdict`` (called on every stats read)."""
+    return {
+        "value": None if math.isnan(e.value) else e.value,
+        "n": e.n,
+        "lo": None if math.isnan(e.lo) else e.lo,
+        "hi": None if math.isnan(e.hi) else e.hi,
+        "confidence": e.confidence,
+        "method": e.method,
+    }
+
+
+def aggregate_events(events: Any, since: float = 0.0) -> dict[str, dict[str, Any]]:
+    """Per-variant :func:`variant_summary` of router events ``(ts, variant, ok, ms, markup_bad,
+    lang_bad, phrase)`` with ``ts >= since`` (unix seconds)."""
     out: dict[str, dict[str, Any]] = {}
     for v in VARIANTS:
         rows = [e for e in events if e[1] == v and e[0] >= since]
         ok = [e for e in rows if e[2]]
-        n, k = len(rows), len(ok)
-        lat = [e[3] for e in ok]
-        out[v] = {
-            "requests": n,
-            "ok": k,
-            "errors": n - k,
-            "error_rate": (n - k) / n if n else 0.0,
-            "p50_ms": percentile(lat, 50),
-            "p95_ms": percentile(lat, 95),
-            "markup_invalid_rate": sum(e[4] for e in ok) / k if k else 0.0,
-            "language_mismatch_rate": sum(e[5] for e in ok) / k if k else 0.0,
-            "assistant_phrase_rate": sum(e[6] for e in ok) / k if k else 0.0,
-        }
+        counts = {c: sum(bool(e[4 + i]) for e in ok) for i, c in enumerate(RULE_CHECKS)}
+        out[v] = variant_summary(len(rows), len(rows) - len(ok), counts, sorted(e[3] for e in ok))
     return out

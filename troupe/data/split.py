@@ -6,7 +6,9 @@
   deterministically from ``split.seed`` among characters with at least 2 dialogues when there are
   enough, round-robin over languages so that each language is represented when possible;
 - ``heldout_dialogues.jsonl``: ``split.heldout_dialogue_share`` of each remaining character's
-  dialogues (at least 1 when the character has >= 2, never all of them);
+  dialogues (at least 1 when the character has >= 2, never all of them), drawn as whole groups (below),
+  so a character can land off target (``report["grouping"]["heldout_dialogues_off_target"]``: held
+  minus target); plus the seen characters' dialogues that share a group with a held-out character's;
 - ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it);
 - both eval files capped at ``split.max_eval_dialogues`` (0 = no cap); every cap is a seeded sample
   spread round-robin over characters, so a capped split keeps as many characters as it can;

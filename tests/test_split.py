@@ -116,7 +116,7 @@ def test_cli_split_writes_files(tmp_path):
     rep = json.loads((tmp_path / "s" / "split_report.json").read_text())
     for s in SPLITS:
         assert len(read_jsonl(tmp_path / "s" / f"{s}.jsonl", Dialogue)) == rep["counts"][s]
-    assert len(load_characters(tmp_path / "s" / "characters.jsonl")) == 8
+    assert len(load_characters(tmp_path / "s" / "characters.jsonl")) == len(chars)
     train_chars = {d.character_id for d in read_jsonl(tmp_path / "s" / "train.jsonl", Dialogue)}
     assert not train_chars & {c["id"] for c in rep["heldout_characters"]}
 

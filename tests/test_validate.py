@@ -9,7 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from troupe.config import ConfigError
-from troupe.contract import Character, Dialogue, QuarantineRecord, read_jsonl, to_chat, write_jsonl
+from troupe.contract import (
+    Character,
+    Dialogue,
+    QuarantineRecord,
+    load_characters,
+    read_jsonl,
+    to_chat,
+    write_jsonl,
+)
 from troupe.data.importers import import_sources, selected_sources, write_import
 from troupe.data.validate import (
     TokenCounter,
@@ -220,7 +228,8 @@ def test_sample_dataset_validates_clean(tmp_path, tiny_model_dir):
         "base_model": str(tiny_model_dir),
     }
     res = import_sources(selected_sources(params), ROOT)
-    assert res.report()["totals"]["errors"] == 0 and len(res.characters) == 8
+    cards = load_characters(ROOT / "data/sample/characters.jsonl")
+    assert res.report()["totals"]["errors"] == 0 and len(res.characters) == len(cards) > 1
     write_import(res, tmp_path / "i")
     params["data"]["cutoff_len"] = max(params["data"]["cutoff_len"], 768)
     out = validate_dir(params)

@@ -419,7 +419,7 @@ class Model:
 class RolloutStats:
     """Router events of one application from all its Router replicas: the controller reads every
     request, not the share one replica saw. One named, detached actor per application
-    (:func:`serving.contract.stats_actor_name` in namespace :data:`serving.contract.STATS_NAMESPACE`),
+    (:func:`serving.contract.stats_actor_name` in namespace :data:`serving.contract.RAY_NAMESPACE`),
     created by the first Router replica and found by the others (``get_if_exists``); it outlives
     app redeploys, and stats are always read for a window (``since``), so old events do not leak
     into a new step.
@@ -447,7 +447,7 @@ def stats_actor(app: str, window: int = 50000):
     """The application's :class:`RolloutStats` actor (created on first use)."""
     return RolloutStats.options(
         name=contract.stats_actor_name(app),
-        namespace=contract.STATS_NAMESPACE,
+        namespace=contract.RAY_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
     ).remote(window)
@@ -832,6 +832,7 @@ class Router:
             "pinned_conversations": self.router.pinned,
             "model_calls": self.model_calls,
             "model_versions": dict(self.versions),
+            "router_replica": serve.get_replica_context().replica_id.unique_id,
             "variants": variants,
         }
 

@@ -52,10 +52,12 @@ CHARACTERS_FILE = "characters.jsonl"
 CHARACTERS_URI_TAG = "troupe.characters_uri"
 CHARACTERS_SHA256_TAG = "troupe.characters_sha256"
 
-#: Rollout statistics: one named, detached Ray actor per application aggregates the events of all
-#: Router replicas (``serving.app.RolloutStats``); ``GET <prefix>/v1/rollout/stats?since=<unix s>``
-#: serves them with the Router settings.
-STATS_NAMESPACE = "troupe"
+#: Ray namespace of Troupe's named actors: the rollout stats actor of each application (one named,
+#: detached actor aggregates the events of all Router replicas, ``serving.app.RolloutStats``;
+#: ``GET <prefix>/v1/rollout/stats?since=<unix s>`` serves them with the Router settings) and the
+#: lock that serialises Serve config writes (``troupe.deploy.serve_config_lock``).
+RAY_NAMESPACE = "troupe"
+SERVE_CONFIG_LOCK = "troupe-serve-config-lock"
 STATS_ENDPOINT = "/v1/rollout/stats"
 
 #: Serving environments (``configs/serving/<env>.yaml``, chart value ``environment``).
@@ -68,7 +70,7 @@ def app_name(env: str) -> str:
 
 
 def stats_actor_name(app: str) -> str:
-    """Name of an application's rollout stats actor (namespace :data:`STATS_NAMESPACE`)."""
+    """Name of an application's rollout stats actor (namespace :data:`RAY_NAMESPACE`)."""
     return f"troupe-stats-{app}"
 
 

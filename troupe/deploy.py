@@ -16,6 +16,7 @@ weight) changes, which is what :mod:`troupe.rollout` relies on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -166,13 +167,72 @@ def deployed_apps() -> dict[str, dict[str, Any]]:
     return out
 
 
+class _ConfigLock:
+    """A lease lock (one holder, expiring after ``ttl_s``) in a named Ray actor: every process that
+    writes the Serve config (``troupe deploy``, rollout controllers of any environment) reads and
+    writes it under this lock, so none writes back a stale copy of another environment's app."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self.expires = 0.0
+
+    def acquire(self, token: str, ttl_s: float) -> bool:
+        now = time.time()
+        if self.holder in (None, token) or now > self.expires:
+            self.holder, self.expires = token, now + ttl_s
+            return True
+        return False
+
+    def release(self, token: str) -> None:
+        if self.holder == token:
+            self.holder = None
+
+
+@contextlib.contextmanager
+def serve_config_lock(ttl_s: float = 120.0, timeout_s: float = 300.0):
+    """Hold the cluster-wide Serve config lock (:data:`serving.contract.SERVE_CONFIG_LOCK`, a
+    detached actor created on first use) for one read-modify-write of the Serve config.
+
+    Raises:
+        click.ClickException: the lock stays held by another writer for ``timeout_s``.
+    """
+    import uuid
+
+    import ray
+
+    actor = (
+        ray.remote(num_cpus=0)(_ConfigLock)
+        .options(
+            name=contract.SERVE_CONFIG_LOCK,
+            namespace=contract.RAY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+        )
+        .remote()
+    )
+    token = uuid.uuid4().hex
+    t0 = time.time()
+    while not ray.get(actor.acquire.remote(token, ttl_s)):
+        if time.time() - t0 > timeout_s:
+            raise click.ClickException(
+                f"Serve config lock {contract.SERVE_CONFIG_LOCK!r} held for {timeout_s}s"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        ray.get(actor.release.remote(token))
+
+
 def apply_apps(
     apps: list[dict[str, Any]], host: str = "127.0.0.1", port: int = 8000, timeout_s: float = 300
 ) -> None:
-    """Deploy or update applications (others already deployed are kept) and wait until RUNNING.
+    """Deploy or update applications and wait until RUNNING; only the named applications change.
 
-    Serve is started detached with HTTP on ``host:port`` if it is not running (an already running
-    Serve keeps its HTTP options).
+    Serve takes the whole config in one call, so the other applications are read back as deployed
+    and written unchanged, under :func:`serve_config_lock` so that a concurrent writer (another
+    environment's rollout) cannot be reverted by a stale copy. Serve is started detached with HTTP
+    on ``host:port`` if it is not running (an already running Serve keeps its HTTP options).
 
     Raises:
         click.ClickException: an application ends DEPLOY_FAILED or is not RUNNING within ``timeout_s``.
@@ -182,11 +242,12 @@ def apply_apps(
     from ray.serve.schema import ServeDeploySchema
 
     serve.start(http_options={"host": host, "port": int(port)})
-    current = deployed_apps()
-    for a in apps:
-        current[a["name"]] = a
-    schema = ServeDeploySchema.model_validate({"applications": list(current.values())})
-    _get_global_client().deploy_apps(schema)
+    with serve_config_lock():
+        current = deployed_apps()
+        for a in apps:
+            current[a["name"]] = a
+        schema = ServeDeploySchema.model_validate({"applications": list(current.values())})
+        _get_global_client().deploy_apps(schema)
     wait_running([a["name"] for a in apps], timeout_s)
 
 
@@ -212,22 +273,28 @@ def wait_running(names: list[str], timeout_s: float = 300) -> None:
 def set_router_config(name: str, user_config: dict[str, Any], wait: bool = True) -> dict[str, Any]:
     """Set the Router ``user_config`` of a deployed app (in-place reconfigure; models untouched).
 
-    Returns the new app config. Raises ClickException when the app is not deployed declaratively.
+    Only this application's Router changes (the others are written back as read, under
+    :func:`serve_config_lock`). Returns the new app config.
+
+    Raises:
+        click.ClickException: the app is not deployed declaratively.
     """
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    current = deployed_apps()
-    if name not in current:
-        raise click.ClickException(f"application {name!r} is not deployed (troupe deploy first)")
-    app = current[name]
     contract.check_user_config(user_config)
-    deps = [d for d in app.get("deployments", []) if d.get("name") != contract.ROUTER]
-    deps.append({"name": contract.ROUTER, "user_config": dict(user_config)})
-    app["deployments"] = deps
-    _get_global_client().deploy_apps(
-        ServeDeploySchema.model_validate({"applications": list(current.values())})
-    )
+    with serve_config_lock():
+        current = deployed_apps()
+        if name not in current:
+            raise click.ClickException(f"application {name!r} is not deployed (troupe deploy first)")
+        app = current[name]
+        deps = [d for d in app.get("deployments", []) if d.get("name") != contract.ROUTER]
+        router = next((d for d in app.get("deployments", []) if d.get("name") == contract.ROUTER), {})
+        deps.append({**router, "name": contract.ROUTER, "user_config": dict(user_config)})
+        app["deployments"] = deps
+        _get_global_client().deploy_apps(
+            ServeDeploySchema.model_validate({"applications": list(current.values())})
+        )
     if wait:
         wait_running([name])
     return app
@@ -429,6 +496,9 @@ def deploy_local(
         or f"models:/{app['args']['model_name']}@{app['args']['stable_alias']}"
     )
     check_model_uri(uri, app["args"].get("mlflow_tracking_uri"), params)
+    if uri.startswith("models:/"):  # serve the version the alias names now, never the moving alias
+        uri = pinned_version_uri(uri, app["args"].get("mlflow_tracking_uri"))
+        app["args"][contract.STABLE_MODEL_URI] = uri
     connect(address)
     click.echo(f"[deploy] {app['name']} at http://{host}:{port}{app['route_prefix']} ({uri})")
     apply_apps([app], host, port)

@@ -1,45 +1,108 @@
-"""Rollout controller against a live Serve app: a faulty canary rolls back, a healthy one is promoted."""
+"""Rollout units: the analysis rules (:func:`troupe.rollout.decide`), the policy file's checks, the
+RayService patch, and the rollout record's lock and compare-and-set against a real MLflow store
+(SQLite). The live rollouts run in tests/test_canary_drill.py, the shipped policy under noise in
+tests/test_canary_sim.py."""
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import yaml
 
-from tests.conftest import free_port
-from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
-from troupe.rollout import Controller, EventLog, LocalTarget, Policy, Registry, decide, rayservice_patch
+from serving.gateway import variant_summary
+from troupe.config import ConfigError
+from troupe.rollout import (
+    ACTIVE,
+    Policy,
+    RolloutConflict,
+    RolloutRecord,
+    RolloutStore,
+    decide,
+    pin,
+    rayservice_patch,
+    version_of_uri,
+)
 
-NAME = "troupe-roleplay"
-POLICY = Policy(steps=[50.0, 100.0], min_requests=5, min_seconds=0, max_p95_ratio=5.0, poll_seconds=0)
-FAULTY = "作为一个AI，我无法回答<emotion>bogus</emotion>"
+POLICY = Policy(
+    steps=[50.0],
+    min_canary_requests=100,
+    min_stable_requests=100,
+    min_seconds=60,
+    failure_threshold=2,
+    hard_min_requests=20,
+    poll_seconds=1,
+    timeout_seconds=600,
+)
 
 
-def _stats(c_over=None):
-    base = {
-        "requests": 20,
-        "ok": 20,
-        "errors": 0,
-        "error_rate": 0.0,
-        "p50_ms": 10.0,
-        "p95_ms": 20.0,
-        "markup_invalid_rate": 0.0,
-        "language_mismatch_rate": 0.0,
-        "assistant_phrase_rate": 0.0,
-    }
-    return {"variants": {"stable": dict(base), "canary": {**base, **(c_over or {})}}}
+def _v(n: int, errors: int = 0, markup: int = 0, ms: float = 100.0) -> dict:
+    ok = n - errors
+    return variant_summary(n, errors, {"markup_invalid": markup}, [ms] * ok)
 
 
-def test_decide_rules():
-    assert decide(POLICY, 50.0, 0, 1, _stats()).action == "advance"
-    assert decide(POLICY, 100.0, 0, 1, _stats()).action == "promote"
-    assert decide(POLICY, 50.0, 0, 1, _stats({"requests": 2, "ok": 2})).action == "hold"
-    d = decide(POLICY, 50.0, 0, 1, _stats({"errors": 5, "ok": 15, "error_rate": 0.25}))
-    assert d.action == "rollback" and "error rate" in d.reason
-    d = decide(POLICY, 50.0, 0, 1, _stats({"p95_ms": 200.0}))
-    assert d.action == "rollback" and "p95" in d.reason
-    d = decide(POLICY, 50.0, 0, 1, _stats({"language_mismatch_rate": 0.5}))
-    assert d.action == "rollback" and "language_mismatch_rate" in d.reason
+def _stats(canary: dict, stable: dict | None = None, **extra) -> dict:
+    return {"variants": {"canary": canary, "stable": stable or _v(400, 4, 40)}, **extra}
+
+
+def test_decide_waits_for_evidence_and_time():
+    d = decide(POLICY, 50.0, 0, 30, _stats(_v(400, 4, 40)))  # enough requests, window too short
+    assert d.action == "hold" and d.verdict == "insufficient" and "30/60s" in d.reason
+    d = decide(POLICY, 50.0, 0, 61, _stats(_v(50, 1, 5)))  # window long enough, too few canary requests
+    assert d.action == "hold" and d.verdict == "insufficient" and "50/100 canary" in d.reason
+    d = decide(POLICY, 50.0, 0, 601, _stats(_v(50, 1, 5)))
+    assert d.action == "rollback" and "timed out" in d.reason
+    d = decide(POLICY, 50.0, 0, 61, _stats(_v(400, 4, 40)))  # same rates as stable
+    assert d.action == "promote" and d.verdict == "pass" and d.failures == 0
+    assert d.canary["error_rate"] == {**d.canary["error_rate"], "n": 400, "k": 4, "method": "wilson"}
+    assert all(c["status"] == "pass" for c in d.checks)
+
+
+def test_decide_counts_consecutive_failures_before_rolling_back():
+    worse = _stats(_v(400, 4, 100))  # 25 % invalid markup vs stable's 10 %
+    d = decide(POLICY, 50.0, 0, 61, worse)
+    assert d.action == "hold" and d.verdict == "fail" and d.failures == 1 and "1/2" in d.reason
+    (chk,) = [c for c in d.checks if c["status"] == "fail"]
+    assert chk["rule"].startswith("markup_invalid_rate") and chk["estimate"]["method"] == "newcombe"
+    assert chk["estimate"]["lo"] > 0.05 and chk["estimate"]["n"] == 792  # ok replies of both
+    d = decide(POLICY, 50.0, 0, 62, worse, failures=1)
+    assert d.action == "rollback" and "2 consecutive failed analyses" in d.reason
+    assert "markup_invalid_rate" in d.reason
+    d = decide(POLICY, 50.0, 0, 62, _stats(_v(400, 4, 40)), failures=1)  # a pass resets the count
+    assert d.action == "promote" and d.failures == 0
+
+
+def test_decide_hard_limit_and_router_rollback_act_at_once():
+    d = decide(POLICY, 50.0, 0, 1, _stats(_v(30, 20)))  # 20/30 failed: Wilson lo ~0.49 > 0.2
+    assert d.action == "rollback" and d.verdict == "hard-fail" and d.reason.startswith("hard limit")
+    d = decide(POLICY, 50.0, 0, 1, _stats(_v(1, 1)))  # one failed request is not evidence
+    assert d.action == "hold" and d.verdict == "insufficient"
+    d = decide(POLICY, 50.0, 0, 1, _stats(_v(5), rolled_back=True, rollback_reason="manual"))
+    assert d.action == "rollback" and "manual" in d.reason
+
+
+def test_decide_judges_p95_on_its_interval():
+    slow = _stats(_v(400, 4, 40, ms=400.0))  # 4x stable's p95 (all latencies equal: a tight interval)
+    d = decide(POLICY, 50.0, 0, 61, slow)
+    assert d.verdict == "fail" and "p95 latency" in d.reason
+    d = decide(POLICY, 50.0, 0, 61, _stats(_v(400, 4, 40, ms=120.0)))  # 1.2x: within the 1.5x tolerance
+    assert d.action == "promote"
+
+
+def test_policy_file_errors_name_the_field(tmp_path):
+    shipped = Policy.load("configs/rollout_policy.yaml")
+    assert shipped.steps[-1] < 100 and shipped.failure_threshold >= 2
+    for body, match in [
+        ({"steps": [5, 50, 100]}, "steps must increase within"),
+        ({"steps": [25, 5]}, "steps must increase within"),
+        ({"max_quality_delta": {"markup_invalid": 0.1}}, "max_quality_delta: unknown keys"),
+        ({"alpha": 5}, "alpha must be in"),
+        ({"failure_threshold": 0}, "failure_threshold"),
+        ({"min_requests": 5}, "unknown keys"),
+    ]:
+        p = tmp_path / "policy.yaml"
+        p.write_text(yaml.safe_dump(body))
+        with pytest.raises(ConfigError, match=match) as e:
+            Policy.load(p)
+        assert str(p) in str(e.value)
 
 
 def test_rayservice_patch_only_touches_router_user_config():
@@ -90,121 +153,77 @@ def test_rayservice_patch_pins_a_model_version_in_args():
     assert app["deployments"] == cfg["applications"][0]["deployments"]  # Router untouched
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def test_pin_never_keeps_a_moving_alias(store):
+    client = store.client
+    client.set_registered_model_alias("troupe-roleplay", "challenger", "2")
+    tracking = store.tracking
+    assert pin("models:/troupe-roleplay@challenger", tracking) == "models:/troupe-roleplay/2"
+    assert pin("models:/troupe-roleplay/1", tracking) == "models:/troupe-roleplay/1"
+    assert version_of_uri("models:/troupe-roleplay/2") == "2" and version_of_uri("/some/dir") is None
+    with pytest.raises(ConfigError, match="nope"):
+        pin("models:/troupe-roleplay@nope", tracking)
+
+
+@pytest.fixture()
+def store(tmp_path):
     import mlflow
 
-    d = tmp_path_factory.mktemp("rollout")
-    model = tiny_model()
-    canary = d / "canary-model"
-    canary.symlink_to(model, target_is_directory=True)
-    tracking = f"sqlite:///{d}/mlflow.db"
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=tracking)
-    client.create_registered_model(NAME)
-    for _ in range(3):
-        client.create_model_version(NAME, source=str(model))
-    client.set_registered_model_alias(NAME, "champion", "1")
-    port = free_port()
-    start_cluster(port)
-    try:
-        yield {
-            "dir": d,
-            "model": model,
-            "canary": canary,
-            "tracking": tracking,
-            "port": port,
-            "chars": characters_file(d),
-            "client": client,
-        }
-    finally:
-        stop_cluster()
+    client.create_registered_model("troupe-roleplay")
+    for _ in range(2):
+        client.create_model_version("troupe-roleplay", source=str(tmp_path))
+    s = RolloutStore(tracking, "troupe-roleplay", "production")
+    s.tracking = tracking
+    return s
 
 
-def _deploy(w, fault):
-    from troupe.deploy import apply_apps
-
-    app = make_app(
-        "production", w["chars"], w["model"], "/production", w["canary"], 0.0, canary_model={"fault": fault}
+def _record(owner: str) -> RolloutRecord:
+    return RolloutRecord(
+        env="production",
+        model_name="troupe-roleplay",
+        stable_uri="models:/troupe-roleplay/1",
+        canary_uri="models:/troupe-roleplay/2",
+        stable_version="1",
+        canary_version="2",
+        steps=[5.0, 25.0, 50.0],
+        weight=5.0,
+        owner=owner,
     )
-    apply_apps([app], "127.0.0.1", w["port"], timeout_s=240)
-    return f"http://127.0.0.1:{w['port']}/production"
 
 
-def _traffic(base, n=30):
-    with httpx.Client(timeout=60) as c:
-        for i in range(n):
-            body = {
-                "character_id": "bob",
-                "conversation_id": f"t{i}",
-                "max_tokens": 2,
-                "messages": [{"role": "user", "content": "hello there"}],
-            }
-            assert c.post(f"{base}/v1/roleplay", json=body).status_code == 200
+def test_one_rollout_per_environment_with_compare_and_set(store):
+    a = store.acquire(_record("controller-a"))
+    assert a.revision == 1 and store.load().owner == "controller-a"
+    with pytest.raises(RolloutConflict, match="in progress.*troupe rollout resume"):
+        store.acquire(_record("controller-b"))
+    other_env = RolloutStore(store.tracking, "troupe-roleplay", "test")  # another environment: its own lock
+    assert other_env.acquire(_record("controller-t")).revision == 1
+
+    a.step, a.weight = 1, 25.0
+    store.save(a)
+    assert store.load().revision == 2 and store.load().weight == 25.0
+    stale = store.load()
+    stale.revision = 1
+    with pytest.raises(RolloutConflict, match="written by"):
+        store.save(stale)  # a write based on an old read is refused
+
+    taken, previous = store.take_over("controller-c")  # resume after controller-a died
+    assert previous == "controller-a" and taken.owner == "controller-c"
+    assert taken.step == 1 and taken.weight == 25.0 and taken.status in ACTIVE  # nothing reset
+    with pytest.raises(RolloutConflict):
+        store.save(a)  # controller-a, were it still alive, stops at its next write
+
+    taken.status = "promoted"
+    store.save(taken)
+    store.release(taken)
+    assert store.acquire(_record("controller-d")).revision == 1  # the environment is free again
 
 
-def _controller(w, base, version, name):
-    reg = Registry(w["tracking"], NAME)
-    w["client"].set_registered_model_alias(NAME, "challenger", version)
-    log = EventLog(w["dir"] / f"{name}.jsonl")
-    ctl = Controller(
-        LocalTarget("production", base),
-        POLICY,
-        log,
-        reg,
-        reg.version_of("challenger"),
-        str(w["canary"]),
-        w["dir"] / f"{name}.json",
-    )
-    return ctl, log
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_faulty_canary_is_rolled_back_with_reason(world):
-    base = _deploy(world, {"reply": FAULTY})
-    ctl, log = _controller(world, base, "2", "faulty")
-    ctl.start()
-    _traffic(base)
-    d = ctl.tick()
-    assert d.action == "rollback"
-    assert "markup_invalid_rate" in d.reason and "assistant_phrase_rate" in d.reason
-    stats = httpx.get(f"{base}/v1/rollout/stats").json()
-    assert (
-        stats["rolled_back"] and stats["canary_weight_percent"] == 0.0 and stats["pinned_conversations"] == 0
-    )
-    _traffic(base, 5)
-    assert (
-        httpx.get(f"{base}/v1/rollout/stats", params={"since": stats["now"]}).json()["variants"]["canary"][
-            "requests"
-        ]
-        == 0
-    )
-    events = log.read()
-    assert [e["action"] for e in events] == ["start", "rollback"] and events[-1]["reason"] == d.reason
-    mv = world["client"].get_model_version(NAME, "2")
-    assert mv.tags["rollout.status"] == "rollback" and "markup_invalid_rate" in mv.tags["rollout.reason"]
-    assert Registry(world["tracking"], NAME).version_of("champion") == "1"
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_healthy_canary_is_promoted_and_alias_moves(world):
-    base = _deploy(world, {})
-    ctl, log = _controller(world, base, "3", "healthy")
-    ctl.start()
-    _traffic(base)
-    assert ctl.tick().action == "advance" and ctl.weight == 100.0
-    _traffic(base)
-    d = ctl.tick()
-    assert d.action == "promote", d.reason
-    assert Registry(world["tracking"], NAME).version_of("champion") == "3"
-    assert [e["action"] for e in log.read()] == ["start", "advance", "promote"]
-    assert world["client"].get_model_version(NAME, "3").tags["rollout.status"] == "promote"
-    stats = httpx.get(f"{base}/v1/rollout/stats").json()
-    assert stats["canary_available"] is False  # the canary now serves as stable
-    r = httpx.post(
-        f"{base}/v1/roleplay",
-        json={"character_id": "bob", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]},
-        timeout=60,
-    )
-    assert r.json()["model_version"] == "canary-model"
+def test_a_lock_left_by_a_finished_rollout_is_cleared(store):
+    rec = store.acquire(_record("controller-a"))
+    rec.status = "rolled_back"
+    store.save(rec)  # the controller died before releasing the lock
+    assert store.acquire(_record("controller-b")).owner == "controller-b"
+    with pytest.raises(ConfigError, match="no rollout in progress"):
+        RolloutStore(store.tracking, "troupe-roleplay", "test").take_over("x")

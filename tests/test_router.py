@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from serving import contract
-from serving.gateway import StickyRouter, bucket, choose_variant
+from serving.gateway import StickyRouter, bucket, choose_variant, sticky_key
 from tests.conftest import free_port
 from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
 
@@ -34,6 +34,20 @@ def test_sticky_and_monotone_across_weight_changes():
     r.rollback()  # only a rollback moves them back
     assert all(r.route(c) == "stable" for c in ids)
     assert r.route("x", canary_available=False) == "stable"
+
+
+def test_sticky_key_never_uses_the_message_text():
+    """Conversation id, then the client's user / session id, else a fresh random id (returned to the
+    client by the Router); the old fallback hashed the character and the first user message, so
+    every "你好" opener of a character went to the same variant."""
+    assert sticky_key("c-1", "alice", {"x-session-id": "s"}) == ("c-1", "conversation_id")
+    assert sticky_key(None, "alice", {"X-Conversation-Id": "c-2"}) == ("c-2", "conversation_id")
+    assert sticky_key(None, "alice", {"x-session-id": "s"}) == ("user:alice", "user")
+    assert sticky_key("", None, {"X-Session-Id": "s-9"}) == ("session:s-9", "session")
+    generated = [sticky_key(None, None, {}) for _ in range(400)]
+    assert {src for _, src in generated} == {"generated"} and len({k for k, _ in generated}) == 400
+    share = sum(choose_variant(k, 25.0) == "canary" for k, _ in generated) / 400
+    assert 0.15 < share < 0.35  # anonymous "你好" openers spread over both variants by the weight
 
 
 @pytest.mark.slow

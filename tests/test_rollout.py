@@ -227,3 +227,66 @@ def test_a_lock_left_by_a_finished_rollout_is_cleared(store):
     assert store.acquire(_record("controller-b")).owner == "controller-b"
     with pytest.raises(ConfigError, match="no rollout in progress"):
         RolloutStore(store.tracking, "troupe-roleplay", "test").take_over("x")
+
+
+class FakeRayServiceApi:
+    """Stand-in for the Kubernetes API server (no API server runs here): the two
+    ``CustomObjectsApi`` calls :class:`troupe.rollout.KubeTarget` makes, on one RayService object
+    whose status reports every generation reconciled and RUNNING (KubeRay's part is the cluster
+    box's, tests/test_cluster_serving.py)."""
+
+    def __init__(self, serve_config: dict) -> None:
+        self.obj = {
+            "metadata": {"name": "troupe-serving", "namespace": "troupe-prod", "generation": 1},
+            "spec": {"serveConfigV2": yaml.safe_dump(serve_config)},
+        }
+        self.patches: list[dict] = []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name) -> dict:
+        gen = self.obj["metadata"]["generation"]
+        apps = {"troupe-production": {"status": "RUNNING"}}
+        return {
+            **self.obj,
+            "status": {"observedGeneration": gen, "activeServiceStatus": {"applicationStatuses": apps}},
+        }
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body) -> dict:
+        self.patches.append(body)
+        self.obj["spec"]["serveConfigV2"] = body["spec"]["serveConfigV2"]
+        self.obj["metadata"]["generation"] += 1
+        return self.obj
+
+
+def test_kube_target_converge_is_idempotent_and_pins():
+    from troupe.rollout import KubeTarget
+
+    cfg = {
+        "applications": [
+            {
+                "name": "troupe-production",
+                "args": {"env": "production", "stable_alias": "champion", "stable_model_uri": "models:/m/1"},
+                "deployments": [
+                    {"name": "Router", "num_replicas": 2, "user_config": {"canary_weight_percent": 0}}
+                ],
+            },
+            {"name": "troupe-test", "args": {"env": "test"}},
+        ]
+    }
+    api = FakeRayServiceApi(cfg)
+    t = KubeTarget("troupe-serving", "troupe-prod", "troupe-production", "http://unused", api=api)
+    assert t.converge("models:/m/1", "models:/m/2", 5.0) is True  # canary added: args + Router
+    app = t.serve_app()
+    assert (
+        app["args"]["canary_model_uri"] == "models:/m/2" and app["args"]["stable_model_uri"] == "models:/m/1"
+    )
+    assert app["deployments"] == [
+        {"name": "Router", "num_replicas": 2, "user_config": {"canary_weight_percent": 5.0}}
+    ]
+    assert t.converge("models:/m/1", "models:/m/2", 5.0) is False and len(api.patches) == 1  # idempotent
+    assert t.converge("models:/m/1", "models:/m/2", 25.0) is True  # a weight: Router only
+    assert t.serve_app()["args"] == app["args"] and len(api.patches) == 2
+    t.converge("models:/m/2", None, 0.0)  # promotion: the canary's version is stable, pinned
+    app = t.serve_app()
+    assert app["args"]["stable_model_uri"] == "models:/m/2" and "canary_model_uri" not in app["args"]
+    others = yaml.safe_load(api.obj["spec"]["serveConfigV2"])["applications"][1]
+    assert others == cfg["applications"][1]  # the other environment's app untouched

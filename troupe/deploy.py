@@ -189,9 +189,12 @@ class _ConfigLock:
 
 
 @contextlib.contextmanager
-def serve_config_lock(ttl_s: float = 120.0, timeout_s: float = 300.0):
+def serve_config_lock(ttl_s: float = 15.0, timeout_s: float = 300.0):
     """Hold the cluster-wide Serve config lock (:data:`serving.contract.SERVE_CONFIG_LOCK`, a
-    detached actor created on first use) for one read-modify-write of the Serve config.
+    detached actor created on first use) for one read-modify-write of the Serve config. A holder
+    keeps it for the time of one read and one (non-blocking) ``deploy_apps`` call, well under a
+    second; the lease of ``ttl_s`` only matters when a holder dies holding it (a killed rollout
+    controller): the next writer then waits at most ``ttl_s``.
 
     Raises:
         click.ClickException: the lock stays held by another writer for ``timeout_s``.

@@ -1103,11 +1103,28 @@ class Controller:
         self._record(Decision("promote", reason, self.record.weight, verdict="manual"))
         return self._finish_promotion()
 
-    def run(self, sleep=time.sleep, max_ticks: int | None = None) -> Decision:
-        """Tick every ``policy.poll_seconds`` until promoted or rolled back (or ``max_ticks``)."""
-        n = 0
+    def run(self, sleep=time.sleep, max_ticks: int | None = None, max_errors: int = 30) -> Decision:
+        """Tick every ``policy.poll_seconds`` until promoted or rolled back (or ``max_ticks``).
+
+        A poll that fails (stats endpoint unreachable while the app redeploys, MLflow briefly down)
+        is retried at the next poll; ``max_errors`` consecutive failures, a :class:`RolloutConflict`
+        (taken over) or a :class:`~troupe.config.ConfigError` end the loop with the exception; the
+        record stays as it was, for ``troupe rollout resume``.
+        """
+        n = errors = 0
         while True:
-            d = self.tick()
+            try:
+                d = self.tick()
+                errors = 0
+            except ConfigError:
+                raise
+            except Exception as e:
+                errors += 1
+                if errors >= max_errors:
+                    raise
+                click.echo(f"[rollout] poll failed ({errors}/{max_errors}): {e!r}", err=True)
+                sleep(self.policy.poll_seconds)
+                continue
             n += 1
             if self.record.status in TERMINAL or (max_ticks and n >= max_ticks):
                 return d

@@ -6,7 +6,7 @@ start>``, i.e. stable and canary over the *same* time window, and turns it into 
 verdict each (:class:`troupe.stats.Verdict`: ``pass``, ``fail`` or ``insufficient``):
 
 * nothing is judged before both variants have ``min_canary_requests`` / ``min_stable_requests``
-  requests in the window ("insufficient": the step holds);
+  requests in the window and the window lasted ``min_seconds`` ("insufficient": the step holds);
 * rates (errors, live reply-rule breaks from :mod:`troupe.checks`) are compared with a one-sided
   two-proportion test with a margin (:func:`troupe.stats.worse_by_more_than`: fail only when the
   canary is worse than stable by more than the policy's margin at significance ``alpha``), each
@@ -28,7 +28,9 @@ A second rollout in the same environment is refused by a lock: MLflow's one atom
 create-if-absent, creating a registered model ``<model>.rollout-lock.<env>`` (the backing store's
 unique name constraint). Every write of the record is a compare-and-set on its ``revision`` and
 ``owner`` (read, compare, write), so a controller that was taken over by ``resume`` stops at its
-next write instead of acting twice.
+next write instead of acting twice. MLflow has no conditional write, so two writes landing within
+the same read-write gap are not told apart; only a takeover makes two writers, and the lock keeps
+every other writer out.
 
 **Acting** (targets): :class:`LocalTarget` (the environment's Serve app on the local Ray cluster)
 or :class:`KubeTarget` (the RayService's ``serveConfigV2``). Both expose ``converge(stable, canary,

@@ -194,12 +194,15 @@ def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],
 ):
-    """``troupe evaluate``: metrics.json numbers as Metrics, report.html as HTML."""
-    import json
+    """``troupe evaluate``: each estimate of metrics.json as Metrics (``model.split.metric`` with
+    ``.lo``, ``.hi``, ``.n``), report.html as HTML. The base model is scored in this step (no
+    ``paths.eval_base`` stage result to reuse on KFP)."""
+    import math
     import shutil
     from pathlib import Path
 
-    from components.runtime import numeric_items, resolve, run_step
+    from components.runtime import resolve, run_step
+    from troupe.eval_contract import EvalResult
 
     run_step(
         ["evaluate"],
@@ -210,12 +213,16 @@ def evaluate(
             "sft_model": resolve(sft_model.path),
             "dpo_model": resolve(dpo_model.path),
             "eval": eval_dir.path,
+            "eval_base": "",
         },
     )
-    for k, v in numeric_items(
-        json.loads((Path(eval_dir.path) / "metrics.json").read_text(encoding="utf-8"))
-    ).items():
-        metrics.log_metric(k, v)
+    result = EvalResult.read(Path(eval_dir.path), with_samples=False)
+    for model, splits in result.metrics.items():
+        for split, ms in splits.items():
+            for name, e in ms.items():
+                for suffix, v in (("", e.value), (".lo", e.lo), (".hi", e.hi), (".n", float(e.n))):
+                    if not math.isnan(v):
+                        metrics.log_metric(f"{model}.{split}.{name}{suffix}", v)
     html = Path(eval_dir.path) / "report.html"
     if html.is_file():
         shutil.copyfile(html, report.path)

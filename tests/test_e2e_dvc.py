@@ -20,7 +20,7 @@ import yaml
 from conftest import REPO, free_port
 from safetensors.torch import load_file
 
-# small enough for CI: a few optimizer steps, a handful of pairs, 2 dialogues per eval split
+# small enough for CI: a few optimizer steps, a handful of pairs, 4 replies from 2 dialogues per eval split
 OVERRIDES = {
     ("model", "base"): "tiny-random",
     ("sft", "max_steps"): 3,
@@ -29,6 +29,7 @@ OVERRIDES = {
     ("pairs", "max_new_tokens"): 12,
     ("eval", "max_new_tokens"): 12,
     ("split", "max_eval_dialogues"): 2,
+    ("eval", "max_replies_per_split"): 4,
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -231,17 +232,18 @@ def test_sample_dataset_validates_clean(tmp_path, tiny_model_dir):
     cards = load_characters(ROOT / "data/sample/characters.jsonl")
     assert res.report()["totals"]["errors"] == 0 and len(res.characters) == len(cards) > 1
     write_import(res, tmp_path / "i")
-    params["data"]["cutoff_len"] = max(params["data"]["cutoff_len"], 768)
+    params["data"]["cutoff_len"] = max(params["data"]["cutoff_len"], 1024)  # 8-turn zh dialogues reach ~1,000
     out = validate_dir(params)
     assert out.report["quarantined"] == 0, [q.reason for q in out.quarantined]
     langs = {c.language for c in res.characters.values()}
     assert langs == {"zh", "en"}
     per_char = out.report["per_character"]
-    assert all(10 <= v["accepted"] <= 12 for v in per_char.values())
-    en = out.features[
-        out.features.character_id.isin([c.id for c in res.characters.values() if c.language == "en"])
-    ]
-    assert (en.n_tokens <= 512).all()
+    dialogues = read_jsonl(ROOT / "data/sample/dialogues.jsonl", Dialogue)
+    assert {c: v["accepted"] for c, v in per_char.items()} == dict(Counter(d.character_id for d in dialogues))
+    en_ids = {c.id for c in res.characters.values() if c.language == "en"}
+    en = out.features[out.features.character_id.isin(en_ids)]
+    zh = out.features[~out.features.character_id.isin(en_ids)]
+    assert en.n_tokens.median() < zh.n_tokens.median()  # SmolLM2's tokenizer spends more tokens on Chinese
 
 
 def test_token_counter_is_exact(tiny_model_dir):

@@ -101,7 +101,7 @@ class Data(_Section):
     source_sets: dict[str, list[Source]] = Field(
         default_factory=_default_source_sets, description="named lists of import sources"
     )
-    cutoff_len: int = Field(768, gt=0, description="max tokens of a rendered dialogue incl. persona card")
+    cutoff_len: int = Field(1024, gt=0, description="max tokens of a rendered dialogue incl. persona card")
     pii: Literal["scrub", "reject"] = Field("scrub", description="what to do with PII in a dialogue")
     stage_directions: Literal["flag", "reject", "strip"] = Field(
         "flag", description="replies narrating actions (*smiles*): count, reject the dialogue, or strip them"
@@ -129,15 +129,17 @@ class Split(_Section):
     """Train / held-out split (``troupe data split``)."""
 
     heldout_characters: int = Field(
-        2, ge=0, description="whole characters kept out of training (unseen persona cards)"
+        5, ge=0, description="whole characters kept out of training (unseen persona cards)"
     )
     heldout_dialogue_share: float = Field(
-        0.15, ge=0, lt=1, description="share of each seen character's dialogues held out"
+        0.35, ge=0, lt=1, description="share of each seen character's dialogues held out"
     )
     seed: int = Field(17, description="random seed of the split")
     max_train_dialogues: int = Field(0, ge=0, description="cap on training dialogues (0 = all)")
     max_eval_dialogues: int = Field(
-        6, ge=0, description="cap per held-out split (0 = all); generation is the slow part"
+        0,
+        ge=0,
+        description="cap on dialogues per held-out split (0 = all; eval.max_replies_per_split caps replies)",
     )
     shared_prefix_turns: int = Field(
         2,

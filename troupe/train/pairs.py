@@ -279,9 +279,9 @@ def build_pairs(params: dict[str, Any]) -> str:
 
 def _build_pairs(params: dict[str, Any], out: Path) -> dict[str, Any]:
     from troupe import storage
-    from troupe.generation import generate
+    from troupe.generation import GenRequest, PrefixGenerator
     from troupe.modeling import load_model
-    from troupe.train.encoding import prompt_text
+    from troupe.train.encoding import chat_messages
 
     cfg = section(params, "pairs")
     paths = section(params, "paths")
@@ -290,17 +290,17 @@ def _build_pairs(params: dict[str, Any], out: Path) -> dict[str, Any]:
     train_file = splits / "train.jsonl"
     ctx = contexts(read_jsonl(train_file, Dialogue), int(params.get("sft", {}).get("seed", 17)))
     prompts, chosen_bad, walked = select_prompts(ctx, chars, int(cfg.get("max_pairs", 32)), str(train_file))
-    gen_kw = dict(
-        max_new_tokens=int(cfg.get("max_new_tokens", 48)), temperature=float(cfg.get("temperature", 0.9))
-    )
+    max_new, temperature = int(cfg.get("max_new_tokens", 48)), float(cfg.get("temperature", 0.9))
 
     def sampler(model_key: str, desc: str, seed: int) -> Sampler:
         def sample(idx: list[int], s: int) -> list[list[str]]:
             model, tok = load_model(storage.local_copy(paths[model_key], what=f"paths.{model_key}"))
-            texts = [
-                prompt_text(tok, prompts[i].messages, chars[prompts[i].dialogue.character_id]) for i in idx
-            ]
-            flat = generate(model, tok, [t for t in texts for _ in range(s)], desc=desc, seed=seed, **gen_kw)
+            gen = PrefixGenerator(model, tok)  # each character's persona card prefilled once
+            reqs = []
+            for i in idx:
+                c = chars[prompts[i].dialogue.character_id]
+                reqs += [GenRequest(chat_messages(prompts[i].messages, c), max_new, temperature, c.id)] * s
+            flat = [r.text for r in gen.generate(reqs, batch_size=8, seed=seed, desc=desc)]
             return [flat[j * s : (j + 1) * s] for j in range(len(idx))]
 
         return sample

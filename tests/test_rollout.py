@@ -290,3 +290,15 @@ def test_kube_target_converge_is_idempotent_and_pins():
     assert app["args"]["stable_model_uri"] == "models:/m/2" and "canary_model_uri" not in app["args"]
     others = yaml.safe_load(api.obj["spec"]["serveConfigV2"])["applications"][1]
     assert others == cfg["applications"][1]  # the other environment's app untouched
+
+
+def test_deploy_refuses_an_environment_in_rollout(store):
+    """``troupe deploy`` would replace the app under the controller (dropping the canary): refused
+    while the environment's record says a rollout runs, before any cluster is touched."""
+    from troupe.deploy import deploy_local
+
+    store.client.set_registered_model_alias("troupe-roleplay", "champion", "1")
+    store.acquire(_record("controller-a"))
+    params = {"registry": {"model_name": "troupe-roleplay", "tracking_uri": store.tracking}}
+    with pytest.raises(ConfigError, match="a rollout runs in 'production'.*troupe rollout resume"):
+        deploy_local("production", params, None, "auto", {})

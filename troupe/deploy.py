@@ -491,7 +491,14 @@ def _pod_namespace() -> str | None:
 def deploy_local(
     env: str, params: dict[str, Any], model_uri: str | None, address: str, s: dict[str, Any]
 ) -> dict[str, Any]:
-    """Deploy on the local Ray cluster (started when none runs) and send one chat request."""
+    """Deploy on the local Ray cluster (started when none runs) and send one chat request.
+
+    A ``models:/<name>@<alias>`` stable model is pinned to the version the alias names now.
+
+    Raises:
+        ConfigError: the model URI names nothing, or a canary rollout runs in ``env`` (its record
+            in MLflow; redeploying would drop the canary under the controller).
+    """
     host, port = s.get("host", "127.0.0.1"), int(s.get("port", 8000))
     app = app_config(env, params, model_uri=model_uri)
     uri = (
@@ -500,7 +507,16 @@ def deploy_local(
     )
     check_model_uri(uri, app["args"].get("mlflow_tracking_uri"), params)
     if uri.startswith("models:/"):  # serve the version the alias names now, never the moving alias
-        uri = pinned_version_uri(uri, app["args"].get("mlflow_tracking_uri"))
+        from troupe.rollout import ACTIVE, RolloutStore
+
+        tracking = app["args"].get("mlflow_tracking_uri")
+        rec = RolloutStore(tracking, app["args"]["model_name"], env).load()
+        if rec is not None and rec.status in ACTIVE:
+            raise ConfigError(
+                f"a rollout runs in {env!r} (canary {rec.canary_uri} at {rec.weight}%, {rec.status}); "
+                f"finish it (troupe rollout resume|promote|rollback --env {env}) before deploying"
+            )
+        uri = pinned_version_uri(uri, tracking)
         app["args"][contract.STABLE_MODEL_URI] = uri
     connect(address)
     click.echo(f"[deploy] {app['name']} at http://{host}:{port}{app['route_prefix']} ({uri})")

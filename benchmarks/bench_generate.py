@@ -3,9 +3,11 @@
     python benchmarks/bench_generate.py [--model DIR] [--prompts 64] [--max-new-tokens 48]
                                         [--batch-size 8] [--repeats 3]
 
-Both variants get the same prompts (held-out-style items from ``data/sample``: every character turn
-with its reference history, a seeded sample of ``--prompts``), greedy decoding, the same token budget
-and batch size, on the same model and threads, run interleaved (plain, prefix, plain, prefix, ...):
+Both variants get the same prompts (held-out-style items from ``data/sample``: character turns with
+their reference history, a seeded sample of ``--prompts`` from the first ``--characters`` characters,
+i.e. about prompts/characters turns per persona card; the default run's held-out-characters split has
+~40 per card, its held-out-dialogues split ~15), greedy decoding, the same token budget and batch
+size, on the same model and threads, run interleaved (plain, prefix, plain, prefix, ...):
 
 * plain  = :func:`troupe.generation.generate`, left-padded batches of whole chat-templated prompts
   (what evaluation did before);
@@ -47,7 +49,8 @@ def main() -> None:
     ap.add_argument(
         "--data", default=str(REPO / "data" / "sample"), help="troupe-format dir (characters/dialogues)"
     )
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--characters", type=int, default=4, help="characters the prompts come from")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -63,7 +66,9 @@ def main() -> None:
     model_dir = _model_dir(a.model)
     model, tok = load_model(model_dir)
     chars = load_characters(Path(a.data) / "characters.jsonl")
-    items = eval_items(read_jsonl(Path(a.data) / "dialogues.jsonl", Dialogue), a.prompts, seed=0)
+    dialogues = read_jsonl(Path(a.data) / "dialogues.jsonl", Dialogue)
+    keep = list(dict.fromkeys(d.character_id for d in dialogues))[: a.characters]
+    items = eval_items([d for d in dialogues if d.character_id in keep], a.prompts, seed=0)
     reqs = [eval_request(d, i, chars[d.character_id], a.max_new_tokens) for d, i in items]
     prompts = [tok.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in reqs]
     prompt_tokens = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)

@@ -334,3 +334,43 @@ def test_base_evaluation_is_reused_while_items_and_settings_match(
     params["eval"]["max_new_tokens"] = 4
     evaluate(params)
     assert "evaluating base again" in capsys.readouterr().out
+
+
+def test_a_bad_model_does_not_pass_the_shipped_gate(tiny_model_dir, tmp_path, monkeypatch):
+    """The joint of data, evaluation and gate: the default data path (import, validate, split of
+    data/sample with the shipped params) evaluated on a model that cannot role-play (the tiny random
+    model as candidate) and gated with the shipped policy. Every held-out turn is scored (>= 200 per
+    split, the policy's min_n), so the verdict rests on enough evidence, and it must be fail, never
+    pass; at 20 replies per split the same model is at most "insufficient evidence"."""
+    import yaml
+
+    from troupe.data.importers import import_sources, selected_sources, write_import
+    from troupe.data.split import split_dir
+    from troupe.data.validate import validate_dir
+    from troupe.eval_contract import EvalResult
+    from troupe.evaluate import evaluate
+    from troupe.registry import gate, load_policy
+    from troupe.stats import FAIL, PASS, combine
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["paths"].update(
+        imported=str(tmp_path / "imported"), validated=str(tmp_path / "validated"), splits=str(tmp_path / "splits"),
+        base_model=str(tiny_model_dir), dpo_model=str(tiny_model_dir), eval=str(tmp_path / "eval"), eval_base="",
+    )  # fmt: skip
+    write_import(import_sources(selected_sources(params), root), tmp_path / "imported")
+    validate_dir(params)
+    split_dir(params)
+    params["eval"].update(models=["dpo"], max_new_tokens=8)
+    evaluate(params)
+    result = EvalResult.read(tmp_path / "eval")
+    policy = load_policy(root / params["registry"]["gate_policy"])
+    assert all(
+        result.eval_set[s]["items"] >= policy["min_n"] for s in ("heldout_characters", "heldout_dialogues")
+    )
+    verdicts = gate(result, policy, None)
+    assert combine(verdicts) == FAIL, [v.to_dict() for v in verdicts]
+    params["eval"]["max_replies_per_split"] = 20
+    evaluate(params)
+    assert combine(gate(EvalResult.read(tmp_path / "eval"), policy, None)) != PASS

@@ -212,7 +212,7 @@ def test_production_key_gets_an_in_character_reply(served):
     )
     backend = TransformersBackend(tiny_model(), prefix_cache_bytes=0)
     prefix, suffix = backend.gen.texts(prompt)
-    assert r.usage.prompt_tokens == len(backend._ids(prefix)) + len(backend._ids(suffix))
+    assert r.usage.prompt_tokens == len(backend.gen.ids(prefix)) + len(backend.gen.ids(suffix))
 
     for bad in ("", "sk-wrong"):
         if bad:

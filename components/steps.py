@@ -77,11 +77,13 @@ def data_import(params_yaml: str, data_repo: str, data_rev: str, dvc_remote: str
 def data_validate(
     params_yaml: str,
     imported: Input[Dataset],
+    base_model: Input[Model],
     validated: Output[Dataset],
     data_docs: Output[HTML],
     validation_metrics: Output[Metrics],
 ):
-    """``troupe data validate``; Great Expectations Data Docs as HTML, report.json numbers as Metrics."""
+    """``troupe data validate`` (token lengths with the base model's tokenizer); Great Expectations
+    Data Docs as HTML, report.json numbers as Metrics."""
     import json
     import shutil
     from pathlib import Path
@@ -89,7 +91,13 @@ def data_validate(
     from components.runtime import numeric_items, resolve, run_step
 
     run_step(
-        ["data", "validate"], params_yaml, {"imported": resolve(imported.path), "validated": validated.path}
+        ["data", "validate"],
+        params_yaml,
+        {
+            "imported": resolve(imported.path),
+            "base_model": resolve(base_model.path),
+            "validated": validated.path,
+        },
     )
     index = Path(validated.path) / "data_docs" / "index.html"
     if index.is_file():

@@ -178,10 +178,14 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
         imp = step(
             steps.data_import, "data import", data_repo=data_repo, data_rev=data_rev, dvc_remote=dvc_remote
         )
-        val = step(steps.data_validate, "data validate", imported=imp.outputs["imported"])
-        spl = step(steps.data_split, "data split", validated=val.outputs["validated"])
         base = step(steps.model_prepare, "model prepare", heavy=True)
-        splits, base_model = spl.outputs["splits"], base.outputs["base_model"]
+        base_model = base.outputs["base_model"]
+        # validation counts tokens with the base model's tokenizer (data.cutoff_len)
+        val = step(
+            steps.data_validate, "data validate", imported=imp.outputs["imported"], base_model=base_model
+        )
+        spl = step(steps.data_split, "data split", validated=val.outputs["validated"])
+        splits = spl.outputs["splits"]
         sft = train(steps.train_sft, "train sft", splits=splits, base_model=base_model)
         sft_model = sft.outputs["sft_model"]
         # train pairs and evaluate both read the splits and the base and SFT models

@@ -24,11 +24,13 @@ Rates (share of replies; Wilson interval; ``↓`` = lower is better):
 * ``in_reply_repetition`` ↓ loops inside itself (:func:`troupe.checks.repeats_itself`, seq-rep-4)
 * ``echo_user`` ↓           parrots the user's last line (same trigram rule)
 
-Means and corpus statistics (cluster bootstrap over dialogues):
+Means (cluster bootstrap over dialogues) and corpus statistics:
 
 * ``rouge_l``               ROUGE-L F1 vs the reference (Lin 2004; ``rouge-score``, characters for zh)
-* ``bleu``                  corpus BLEU vs the reference (``sacrebleu``; ``zh`` tokenizer for Chinese)
-* ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055)
+* ``bleu``                  corpus BLEU vs the reference (``sacrebleu``; ``zh`` tokenizer for Chinese);
+                            jackknife over dialogues
+* ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055);
+                            jackknife over dialogues (a bootstrap biases it down)
 * ``loss`` ↓ / ``perplexity`` ↓ mean NLL / exp(NLL) per reference character token (teacher forced)
 * ``judge_*``               optional LLM judge, 1-10 on human-likeness, purposefulness, consistency,
                             engagement (DOMAIN.md), through any OpenAI-compatible endpoint
@@ -306,12 +308,11 @@ def score_replies(
             ]
             for d, ss in by_dialogue.items()
         }
-        out["bleu"] = stats.cluster_bootstrap(items, _corpus_bleu, confidence, CORPUS_RESAMPLES)
-        out["distinct_2"] = stats.cluster_bootstrap(
-            items,
-            lambda xs: distinct_n([_units(h, lang) for lang, h, _ in xs], 2),
-            confidence,
-            CORPUS_RESAMPLES,
+        # corpus statistics: jackknife over dialogues (a bootstrap replicate repeats dialogues, which
+        # biases distinct-n down; stats.cluster_jackknife)
+        out["bleu"] = stats.cluster_jackknife(items, _corpus_bleu, confidence, (0.0, 100.0))
+        out["distinct_2"] = stats.cluster_jackknife(
+            items, lambda xs: distinct_n([_units(h, lang) for lang, h, _ in xs], 2), confidence, (0.0, 1.0)
         )
     return out
 

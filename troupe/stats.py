@@ -365,3 +365,34 @@ def quantile_interval(
         float(sorted_xs[rank - 1]), n, float(sorted_xs[lo_rank - 1]), float(sorted_xs[hi_rank - 1]),
         confidence, "order-statistic",
     )  # fmt: skip
+
+
+def cluster_jackknife(
+    clusters: Mapping[Hashable, Sequence[Any]],
+    statistic: Callable[[list[Any]], float],
+    confidence: float = DEFAULT_CONFIDENCE,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> Estimate:
+    """Delete-one-cluster jackknife interval of a corpus statistic: ``value ± z * se`` with
+    ``se² = (g-1)/g * Σ (θ₋ᵢ - θ̄)²`` over the g leave-one-cluster-out values (Quenouille 1956; Efron &
+    Stein 1981, Ann. Statist. 9:586), clipped to ``bounds``.
+
+    For statistics that a bootstrap biases: resampling with replacement repeats whole dialogues, and
+    a repeated dialogue repeats its n-grams, so distinct-n of a bootstrap replicate is systematically
+    lower than the sample's (measured on the default run: distinct-2 0.299 with a bootstrap interval
+    of [0.176, 0.234], not covering the value). Leaving a cluster out repeats nothing.
+    """
+    groups = [list(v) for v in clusters.values() if len(v)]
+    items = [x for g in groups for x in g]
+    if not items:
+        return empty(confidence)
+    value = float(statistic(items))
+    g = len(groups)
+    if g == 1:
+        return Estimate(value, len(items), math.nan, math.nan, confidence, "jackknife", clusters=1)
+    loo = [float(statistic([x for j, grp in enumerate(groups) if j != i for x in grp])) for i in range(g)]
+    bar = sum(loo) / g
+    se = math.sqrt((g - 1) / g * sum((t - bar) ** 2 for t in loo))
+    z = z_value(confidence)
+    lo, hi = max(bounds[0], value - z * se), min(bounds[1], value + z * se)
+    return Estimate(value, len(items), lo, hi, confidence, "jackknife", clusters=g)

@@ -30,6 +30,7 @@ OVERRIDES = {
     ("eval", "max_new_tokens"): 12,
     ("split", "max_eval_dialogues"): 2,
     ("eval", "max_replies_per_split"): 4,
+    ("eval", "models"): ["base", "sft", "dpo"],
 }
 
 

@@ -456,6 +456,12 @@ def deploy_kubernetes(
     "--serve-url", default=None, help="serve Service URL (default: the RayService's in-cluster Service)"
 )
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="seconds to wait for RUNNING")
+@click.option(
+    "--if-gate-passed",
+    is_flag=True,
+    help="deploy only when paths.registry/decision.json says pass; otherwise write paths.deploy/skipped.json "
+    "with the gate's status and exit 0 (what the KFP pipeline's condition does; used by dvc.yaml)",
+)
 @step_options
 def deploy_cmd(
     params: dict,
@@ -466,11 +472,31 @@ def deploy_cmd(
     namespace: str | None,
     serve_url: str | None,
     timeout_s: float,
+    if_gate_passed: bool,
 ) -> None:
     """Deploy/update the Serve app of an environment and write paths.deploy/smoke.json."""
     s = section(params, "serve")
     env = env or s.get("env", "test")
     out = path_of(params, "deploy")
+    if if_gate_passed:
+        decision = path_of(params, "registry") / "decision.json"
+        status = (
+            json.loads(decision.read_text(encoding="utf-8")).get("status") if decision.is_file() else None
+        )
+        if status != "pass":
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "smoke.json").unlink(missing_ok=True)
+            skipped = {
+                "deployed": False,
+                "env": env,
+                "gate_status": status,
+                "reason": f"the gate did not pass ({status or 'no decision'}): see {decision.parent / 'gate.md'}",
+                "deploy_anyway": "troupe deploy --env test --model-uri models:/<name>/<version> (decision.json)",
+            }
+            (out / "skipped.json").write_text(json.dumps(skipped, indent=2), encoding="utf-8")
+            click.echo(f"[deploy] skipped: {skipped['reason']} -> {out / 'skipped.json'}")
+            return
+        (out / "skipped.json").unlink(missing_ok=True)
     if rayservice:
         ns = namespace or _pod_namespace() or f"troupe-{'prod' if env == 'production' else env}"
         smoke = deploy_kubernetes(env, params, rayservice, ns, model_uri, serve_url, timeout_s)

@@ -268,7 +268,7 @@ class Eval(_Section):
 
     max_new_tokens: int = Field(64, ge=1, description="max tokens generated per held-out reply")
     models: list[Literal["base", "sft", "dpo", "champion"]] = Field(
-        default_factory=lambda: ["base", "sft", "dpo"],
+        default_factory=lambda: ["base", "dpo"],
         description="models evaluated (names of paths.*_model; champion = the registry's champion version)",
     )
     max_replies_per_split: int = Field(

@@ -87,8 +87,8 @@ def world(tmp_path_factory):
         "serve": {"env": ENV, "host": "127.0.0.1", "port": port},
     }
     (d / "params.yaml").write_text(yaml.safe_dump(params))
-    start_cluster(port)
     try:
+        start_cluster(port)  # inside the try: a failed start still shuts down the driver it attached
         yield {
             "dir": d,
             "tracking": tracking,

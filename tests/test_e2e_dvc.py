@@ -91,6 +91,10 @@ def pipeline_repo(tmp_path_factory, mlflow_server):
     env.pop("RAY_ADDRESS", None)
     # `troupe deploy` joins the machine's running Ray cluster if any; start from none so the app
     # below is this test's own (on a CI machine nothing is running)
+    import ray
+
+    if ray.is_initialized():  # `ray stop` kills the raylet a driver in this process is attached to, and
+        ray.shutdown()  # Ray then exits the driver: the whole pytest process would die
     subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
     for cmd in (
         ["git", "init", "-q"],

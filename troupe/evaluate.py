@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import json
 import math
 import os
@@ -195,6 +196,14 @@ def nll_estimates(per_dialogue: dict[str, tuple[float, int]], confidence: float)
     return {"loss": loss, "perplexity": ppl}
 
 
+@functools.cache
+def _rouge_scorer():
+    """One ROUGE-L scorer per process (building it per reply was repeated work on the scoring path)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
 def reply_scores(sample: dict[str, Any], character: Character) -> dict[str, float | None]:
     """Per-item scores of one sample (keys of :data:`RATE_METRICS` except ``self_repetition``, plus
     ``rouge_l``): 1/0 for rates, None where a rule does not apply (markup validity of an untagged or
@@ -204,8 +213,6 @@ def reply_scores(sample: dict[str, Any], character: Character) -> dict[str, floa
         sample: ``reply``, ``reference``, ``context`` (chat dicts) and ``finished`` (False = cut by
             the token budget; default True).
     """
-    from rouge_score import rouge_scorer
-
     reply = sample["reply"]
     chk = check_reply(
         reply,
@@ -219,7 +226,7 @@ def reply_scores(sample: dict[str, Any], character: Character) -> dict[str, floa
     u, ru = _units(text, character.language), _units(ref, character.language)
     rouge = 0.0
     if u and ru:  # rouge-score tokenizes English itself; pre-split units joined by spaces work for both
-        rouge = rouge_scorer.RougeScorer(["rougeL"]).score(" ".join(ru), " ".join(u))["rougeL"].fmeasure
+        rouge = _rouge_scorer().score(" ".join(ru), " ".join(u))["rougeL"].fmeasure
     return {
         "language_consistency": float(chk.language == character.language),
         "tag_rate": float(tagged),

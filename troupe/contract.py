@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -35,6 +35,24 @@ class Character(BaseModel):
         style: how the character talks (free text).
         examples: speaking examples (lines the character would say).
         scene: optional story/scene the conversation happens in.
+
+    Card fields (Character Card V2/V3, :mod:`troupe.characters.cards`); all optional and empty by
+    default, and left out of the serialised record while empty, so characters without them keep their
+    bytes in JSONL files and their rendered prompts:
+
+        greetings: opening messages, the card's ``first_mes`` then its ``alternate_greetings``.
+        system_prompt: the card's ``system_prompt``: an additional prompt section after Troupe's rules
+            (it never replaces them).
+        post_history_instructions: the card's ``post_history_instructions`` (text for after the chat
+            history, :func:`troupe.persona.render_post_history`).
+        tags: the card's ``tags`` (sorting/filtering only, never in a prompt).
+        creator: the card's ``creator`` (never in a prompt).
+        character_version: the card's ``character_version`` (never in a prompt).
+        lorebook: the card's ``character_book``, verbatim (:mod:`troupe.characters.lorebook`).
+        card: what else of the source card a lossless export needs (layout in
+            :mod:`troupe.characters.cards`: spec, spec_version, the ``data`` fields held by no other
+            field incl. ``extensions`` and V3 fields, root fields, the avatar); None for characters
+            that were not imported from a card.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,11 +64,43 @@ class Character(BaseModel):
     style: str = ""
     examples: list[str] = Field(default_factory=list)
     scene: str = ""
+    greetings: list[str] = Field(default_factory=list)
+    system_prompt: str = ""
+    post_history_instructions: str = ""
+    tags: list[str] = Field(default_factory=list)
+    creator: str = ""
+    character_version: str = ""
+    lorebook: dict[str, Any] | None = None
+    card: dict[str, Any] | None = None
 
     @field_validator("language")
     @classmethod
     def _primary_subtag(cls, v: str) -> str:
         return v.split("-")[0].lower()
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_card_fields(self, handler: Any) -> Any:
+        # card fields at their empty default are not written: records of characters without a card
+        # keep the bytes they had before these fields existed (and so their content hashes)
+        d = handler(self)
+        if isinstance(d, dict):
+            for k in CARD_FIELDS:
+                if k in d and (d[k] is None or d[k] == "" or d[k] == []):
+                    del d[k]
+        return d
+
+
+#: Character fields that come from a Character Card and are left out of a record while empty.
+CARD_FIELDS: tuple[str, ...] = (
+    "greetings",
+    "system_prompt",
+    "post_history_instructions",
+    "tags",
+    "creator",
+    "character_version",
+    "lorebook",
+    "card",
+)
 
 
 class Message(BaseModel):

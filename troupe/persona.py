@@ -3,10 +3,19 @@
 Train and inference prompts must match exactly (DOMAIN.md: version 0.0.2 trained without the card
 and prompted with it, and character cognition collapsed), so nothing else in Troupe builds a system
 prompt. Sections follow the seeds' prompt: character information, story/scene, speaking examples,
-basic rules (abridged rules 1, 3-8 of DOMAIN.md), written in the character's language.
+basic rules (abridged rules 1, 3-8 of DOMAIN.md), written in the character's language. A card
+imported from a Character Card (:mod:`troupe.characters.cards`) may add its own ``system_prompt``: it
+is rendered as one more section *after* the rules and never replaces them (the V2 spec lets a card
+replace the frontend's system prompt; Troupe's rules are what the model was trained with, so they
+stay). Characters without card fields render exactly as before.
+
+Card macros (SillyTavern's ``{{char}}``, ``{{user}}``, ``<BOT>``, ``<USER>``, ``{{original}}``) are
+filled by :func:`fill_macros`, the one place that knows them.
 """
 
 from __future__ import annotations
+
+import re
 
 from troupe.contract import Character
 
@@ -43,6 +52,41 @@ _HEADINGS = {
 }
 #: Length limit used in the rules: characters for zh, words otherwise (DOMAIN.md rule 7).
 MAX_REPLY_UNITS = {"zh": 50, "en": 50}
+#: Heading of the card's own ``system_prompt`` section (after the rules).
+_EXTRA_HEADING = {"zh": "补充说明", "en": "Additional instructions"}
+#: What ``{{user}}`` becomes when the user's name is not known: (in instructions, in the character's
+#: own lines). The persona prompt is the same for every user (it is KV-cached per character).
+USER_PLACEHOLDER = {"zh": ("用户", "你"), "en": ("the user", "you")}
+_USER = r"(?:\{\{user\}\}|<user>)"
+_CHAR = re.compile(r"\{\{char\}\}|<bot>|<char>", re.I)
+_ORIGINAL = re.compile(r"\{\{original\}\}", re.I)
+#: ``, {{user}}`` / ``{{user}},`` used as a form of address ("Nice to meet you, {{user}}!")
+_VOCATIVE = re.compile(rf"\s*[,，]\s*{_USER}(?=\s*(?:[.!?。！？…~～]|$))|^\s*{_USER}\s*[,，]\s*", re.I | re.M)
+_USER_RE = re.compile(_USER, re.I)
+
+
+def fill_macros(text: str, name: str, language: str, *, user: str | None = None, speech: bool = False) -> str:
+    """Fill a card text's macros: ``{{char}}``/``<BOT>``/``<char>`` -> ``name``; ``{{user}}``/``<USER>``
+    -> ``user``; ``{{original}}`` -> nothing (Troupe's rules are always rendered; see module doc).
+
+    Macros are matched case-insensitively (SillyTavern's macro names; docs.sillytavern.app "Macros").
+
+    Args:
+        text: card text (system prompt, greeting, speaking example...).
+        name: the character's name (or the V3 ``nickname``, which the V3 spec puts in its place).
+        language: the character's language; picks the placeholder of :data:`USER_PLACEHOLDER`.
+        user: the user's name; None = unknown: in ``speech`` (a line the character says) a
+            ``{{user}}`` used as a form of address is dropped ("Nice to meet you, {{user}}!" ->
+            "Nice to meet you!") and any other becomes "you"/"你"; elsewhere "the user"/"用户".
+        speech: ``text`` is a line the character says (greetings, speaking examples).
+    """
+    text = _CHAR.sub(lambda _: name, _ORIGINAL.sub("", text))
+    if user is None:
+        third, second = USER_PLACEHOLDER["zh" if language == "zh" else "en"]
+        if speech:
+            text = _VOCATIVE.sub("", text)
+        user = second if speech else third
+    return _USER_RE.sub(lambda _: user, text)
 
 
 def render_system_prompt(character: Character, language_name: str | None = None) -> str:
@@ -75,4 +119,25 @@ def render_system_prompt(character: Character, language_name: str | None = None)
             f"Always reply in {language_name or character.language}, whatever language the user writes in."
         )
     parts.append(f"## {h_rules}\n" + "\n".join(f"{i}. {r}" for i, r in enumerate(rules, 1)))
+    extra = fill_macros(character.system_prompt, character.name, character.language).strip()
+    if extra:
+        parts.append(f"## {_EXTRA_HEADING[lang]}\n{extra}")
     return "\n\n".join(parts)
+
+
+def render_post_history(character: Character) -> str:
+    """The card's ``post_history_instructions`` with macros filled (:func:`fill_macros`), ``""`` if none.
+
+    The V2 spec places this text after the chat history (it replaces a frontend's "jailbreak" slot);
+    serving appends it as a system turn after the last user turn when it is not empty.
+    """
+    return fill_macros(character.post_history_instructions, character.name, character.language).strip()
+
+
+def render_greeting(character: Character, index: int = 0, user: str | None = None) -> str:
+    """Greeting ``index`` of the character (0 = the card's ``first_mes``) with macros filled.
+
+    Raises:
+        IndexError: the character has no greeting ``index``.
+    """
+    return fill_macros(character.greetings[index], character.name, character.language, user=user, speech=True)

@@ -78,7 +78,7 @@ def main() -> None:
 
     import ray
 
-    from serving.app import Model
+    from serving.model import Model
     from troupe.contract import Character
     from troupe.deploy import apply_apps
     from troupe.persona import render_system_prompt

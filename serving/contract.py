@@ -13,7 +13,8 @@ Units are part of the key: the canary share is ``canary_weight_percent`` (0-100)
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 #: Application builder of every Serve application (``serveConfigV2`` ``import_path``).
 IMPORT_PATH = "serving.app:build_app"
@@ -32,7 +33,11 @@ CANARY_WEIGHT = "canary_weight_percent"
 CANARY_WEIGHT_UNIT = "percent"
 ROLLED_BACK = "rolled_back"
 ROLLBACK_REASON = "reason"
-USER_CONFIG_KEYS = frozenset({CANARY_WEIGHT, ROLLED_BACK, ROLLBACK_REASON})
+#: Router ``user_config`` key and application arg: the character catalogue the Router serves (a
+#: local path or ``s3://`` URI of a catalogue file, :mod:`troupe.characters.catalogue`). Changing it
+#: in ``user_config`` reloads the characters in the Router replicas; model replicas keep running.
+CATALOGUE_URI = "catalogue_uri"
+USER_CONFIG_KEYS = frozenset({CANARY_WEIGHT, ROLLED_BACK, ROLLBACK_REASON, CATALOGUE_URI})
 
 #: Application args naming the models; ``models:/<name>/<version>`` pins a version by number.
 STABLE_MODEL_URI = "stable_model_uri"
@@ -51,6 +56,10 @@ API_KEYS_FILE = f"{API_KEYS_DIR}/{API_KEYS_SECRET_KEY}"
 CHARACTERS_FILE = "characters.jsonl"
 CHARACTERS_URI_TAG = "troupe.characters_uri"
 CHARACTERS_SHA256_TAG = "troupe.characters_sha256"
+#: Model-version tags naming the character catalogue a version was trained and evaluated with
+#: (version = the catalogue's content hash, :func:`troupe.characters.catalogue.catalogue_version`).
+CATALOGUE_VERSION_TAG = "troupe.catalogue_version"
+CATALOGUE_URI_TAG = "troupe.catalogue_uri"
 
 #: Ray namespace of Troupe's named actors: the rollout stats actor of each application (one named,
 #: detached actor aggregates the events of all Router replicas, ``serving.app.RolloutStats``;
@@ -117,3 +126,81 @@ def router_user_config(weight_percent: float, rolled_back: bool = False, reason:
     if rolled_back:
         out.update({ROLLED_BACK: True, ROLLBACK_REASON: reason[:500]})
     return out
+
+
+# -- Router -> model replica (a Ray actor call: both sides import these types) ------------------------
+FinishReason = Literal["stop", "length"]
+#: ``stop``: the model ended the reply (EOS) or a stop string matched; ``length``: ``max_new_tokens``
+#: cut it (OpenAI's ``finish_reason`` values).
+FINISH_STOP: FinishReason = "stop"
+FINISH_LENGTH: FinishReason = "length"
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """One reply to generate, as the Router sends it to a model replica.
+
+    Fields:
+        messages: the chat to continue, ``[{"role", "content"}]``, the rendered persona card first
+            (system). Client text in it is already neutralised (no chat-template special tokens).
+        max_new_tokens: cap on generated tokens; None = the replica's configured default.
+        temperature: sampling temperature (0 = greedy); None = the replica's default.
+        top_p: nucleus sampling mass in (0, 1]; None = 1.
+        stop: strings that end the reply; the reply excludes the matched stop string
+            (OpenAI semantics) and ``finish_reason`` is ``"stop"``.
+        seed: sampling seed; the same request with the same seed gives the same reply on one replica.
+        cache_key: key of the persona-card KV prefix cache (the character id).
+        prefill: assistant text the reply continues (SillyTavern's "continue"); not repeated in the
+            reply.
+    """
+
+    messages: list[dict[str, str]]
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    cache_key: str | None = None
+    prefill: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelReply:
+    """A finished reply from a model replica.
+
+    Fields:
+        text: the generated reply (raw, with markup tags; without the stop string).
+        finish_reason: :data:`FINISH_STOP` or :data:`FINISH_LENGTH`.
+        prompt_tokens: tokens of this request's prompt (no batch padding), incl. a cached prefix.
+        completion_tokens: tokens generated for this request (up to the stop point).
+        prefix_cached: whether the persona-card prefix came from the KV cache.
+        model_version: version label of the replica's model (``models:/name/3`` -> ``3``).
+        batch_size: requests decoded together with this one (1 when alone).
+    """
+
+    text: str
+    finish_reason: FinishReason = FINISH_STOP
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefix_cached: bool = False
+    model_version: str = ""
+    batch_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """One piece of a streamed reply. ``text`` never ends inside a UTF-8 character. The last delta
+    of a stream has ``finish_reason`` set and the token counts of the whole reply."""
+
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)

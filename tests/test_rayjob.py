@@ -144,15 +144,31 @@ def test_sigterm_deletes_the_rayjob() -> None:
     import os
     import signal
     import threading
+    import time
 
     from troupe.kube.rayjob import Terminated
 
-    with FakeKube([RUNNING]) as kube:
-        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
-        with pytest.raises(Terminated):
-            submit_rayjob(manifest(), NS, timeout_s=30, api=kube.api(), poll_s=0.02, log=lambda s: None)
-    assert kube.deleted == ["run-1-sft"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+    def earlier(signum, frame):  # the handler in place before (Ray's own, when ray.init ran earlier)
+        raise AssertionError("the earlier SIGTERM handler ran instead of the RayJob's")
+
+    original = signal.signal(signal.SIGTERM, earlier)
+    try:
+        with FakeKube([RUNNING]) as kube:
+
+            def stop_when_watched() -> None:  # KFP's SIGTERM, once the RayJob is being watched
+                deadline = time.monotonic() + 20
+                while signal.getsignal(signal.SIGTERM) is earlier and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.1)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+            threading.Thread(target=stop_when_watched, daemon=True).start()
+            with pytest.raises(Terminated):
+                submit_rayjob(manifest(), NS, timeout_s=30, api=kube.api(), poll_s=0.02, log=lambda s: None)
+        assert kube.deleted == ["run-1-sft"]
+        assert signal.getsignal(signal.SIGTERM) is earlier  # the earlier handler is restored
+    finally:
+        signal.signal(signal.SIGTERM, original)
 
 
 def test_missing_kubeconfig_names_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ import click
 #: name -> "module:attribute" of a click command or group.
 COMMANDS: dict[str, str] = {
     "data": "troupe.data.cli:data",
+    "characters": "troupe.characters.cli:characters",
     "model": "troupe.modeling:model_cli",
     "train": "troupe.train.cli:train",
     "evaluate": "troupe.evaluate:evaluate_cmd",

@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from troupe.generation import GenRequest, GenResult, PrefixCache, PrefixGenerator  # noqa: F401 - re-exported
+from serving.contract import FINISH_LENGTH, FINISH_STOP, ModelReply, ModelRequest, StreamDelta
+from troupe.generation import (  # noqa: F401 - re-exported
+    GenRequest,
+    GenResult,
+    PrefixCache,
+    PrefixGenerator,
+    _decode,
+    cut_at_stop,
+    finish_reply,
+    visible_text,
+)
 
 
 class TransformersBackend:
@@ -58,34 +69,65 @@ class TransformersBackend:
 
     def first_token_ms(self, request: GenRequest) -> tuple[float, bool]:
         """Time to first token (ms) for one request and whether the card prefix came from the cache."""
-        r = GenRequest(request.messages, 1, 0.0, request.cache_key)
+        r = GenRequest(request.messages, 1, 0.0, request.cache_key, prefill=request.prefill)
         t0 = time.perf_counter()
         res = self.generate([r])[0]
         return (time.perf_counter() - t0) * 1000, res.prefix_cached
 
-    def stream(self, request: GenRequest):
-        """Yield reply text pieces as they are generated (one thread runs ``generate``)."""
-        from transformers import TextIteratorStreamer
+    def stream(self, request: GenRequest) -> Iterator[StreamDelta]:
+        """Yield :class:`serving.contract.StreamDelta` pieces as tokens are generated.
 
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        prefix, suffix = self.gen.texts(request.messages)
-        err: list[BaseException] = []
+        Text deltas follow :func:`troupe.generation.visible_text` (never inside a UTF-8 character,
+        never a piece of a stop string), so they concatenate to the non-streamed reply's text. The last
+        delta has ``finish_reason`` and the token counts. Raises what generation raises.
+        """
+        import queue
+
+        from transformers.generation.streamers import BaseStreamer
+
+        q: queue.Queue = queue.Queue()
+        stop_now = threading.Event()
+        prefix, suffix = self.gen.texts(request.messages, request.prefill)
+        eos = self.tok.eos_token_id
+
+        class _Ids(BaseStreamer):
+            first = True
+
+            def put(self, value) -> None:
+                if self.first:  # generate() passes the prompt first
+                    self.first = False
+                    return
+                q.put([int(t) for t in value.reshape(-1).tolist()])
+
+            def end(self) -> None:
+                q.put(None)
 
         def run() -> None:
             import torch
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    return torch.full((input_ids.shape[0],), stop_now.is_set(), dtype=torch.bool)
 
             try:
                 with self._lock:
-                    p_ids, kv, _ = self.gen.prefix(request.cache_key, prefix)
-                    ids = torch.tensor([p_ids + self.gen.ids(suffix)], device=self.device)
+                    p_ids, kv, cached = self.gen.prefix(request.cache_key, prefix)
+                    s_ids = self.gen.ids(suffix)
+                    self.gen.note_prompt(len(request.messages), p_ids + s_ids, bool(request.prefill))
+                    q.put(("prompt", len(p_ids) + len(s_ids), cached))
+                    ids = torch.tensor([p_ids + s_ids], device=self.device)
                     kw: dict[str, Any] = dict(
                         max_new_tokens=request.max_new_tokens,
                         do_sample=request.temperature > 0,
                         pad_token_id=self.tok.pad_token_id,
-                        streamer=streamer,
+                        streamer=_Ids(),
+                        stopping_criteria=StoppingCriteriaList([_Stop()]),
                     )
                     if request.temperature > 0:
-                        kw["temperature"] = request.temperature
+                        kw.update(temperature=request.temperature, top_p=request.top_p)
+                        if request.seed is not None:
+                            torch.manual_seed(request.seed)
                     else:
                         kw.update(temperature=None, top_p=None, top_k=None)
                     with torch.no_grad():
@@ -93,17 +135,42 @@ class TransformersBackend:
                             input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=kv, **kw
                         )
             except BaseException as e:  # surfaced to the consumer below
-                err.append(e)
-                streamer.end()
+                q.put(e)
+                q.put(None)
 
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        for piece in streamer:
-            if piece:
-                yield piece
+        new: list[int] = []
+        shown, prompt_tokens, stop = "", 0, [x for x in request.stop if x]
+        err: BaseException | None = None
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                err = item
+                continue
+            if isinstance(item, tuple):
+                prompt_tokens = item[1]
+                continue
+            if stop_now.is_set():
+                continue
+            new.extend(item)
+            text, hit = cut_at_stop(_decode(self.tok, new), stop)
+            if hit or (eos is not None and eos in new):
+                stop_now.set()
+                continue
+            vis = visible_text(text, final=False, stop=stop)
+            if len(vis) > len(shown) and vis.startswith(shown):
+                yield StreamDelta(text=vis[len(shown) :])
+                shown = vis
         t.join()
-        if err:
-            raise err[0]
+        if err is not None:
+            raise err
+        text, ids, reason = finish_reply(self.tok, new, eos, stop)
+        if text.startswith(shown) and len(text) > len(shown):
+            yield StreamDelta(text=text[len(shown) :])
+        yield StreamDelta(finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(ids))
 
 
 def vllm_engine_config(
@@ -149,25 +216,55 @@ def vllm_engine_config(
     )
 
 
-async def vllm_chat(handle: Any, payload: dict[str, Any], served_name: str) -> dict[str, Any]:
-    """Call a Ray Serve LLM (vLLM) deployment's ``chat`` and return the Model-shaped result."""
+async def vllm_chat(
+    handle: Any, req: ModelRequest, served_name: str, default_max_tokens: int = 256
+) -> ModelReply:
+    """Call a Ray Serve LLM (vLLM) deployment's ``chat`` with a :class:`ModelRequest`.
+
+    Maps ``max_new_tokens`` -> ``max_tokens`` (None = ``default_max_tokens``), ``temperature``
+    (None = 0.7), ``top_p``, ``stop``, ``seed``; ``prefill`` becomes a final assistant message
+    continued by vLLM (``continue_final_message``, no generation prompt). Only runs on GPU nodes:
+    ``ray.serve.llm`` (and so vLLM) is imported here, lazily.
+
+    Returns:
+        A :class:`ModelReply` with vLLM's finish reason (``stop``/``length``) and usage;
+        ``model_version`` is ``served_name`` (the Router knows the replica's label).
+
+    Raises:
+        RuntimeError: vLLM answered with an error or nothing.
+    """
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-    req = ChatCompletionRequest(
+    messages = list(req.messages)
+    extra: dict[str, Any] = {}
+    if req.prefill:
+        messages.append({"role": "assistant", "content": req.prefill})
+        extra = dict(continue_final_message=True, add_generation_prompt=False)
+    kw: dict[str, Any] = dict(
         model=served_name,
-        messages=payload["messages"],
-        max_tokens=payload.get("max_new_tokens") or 256,
-        temperature=payload.get("temperature", 0.7),
+        messages=messages,
+        max_tokens=req.max_new_tokens or default_max_tokens,
+        temperature=0.7 if req.temperature is None else req.temperature,
         stream=False,
+        **extra,
     )
-    async for resp in handle.options(stream=True).chat.remote(req):
+    if req.top_p is not None:
+        kw["top_p"] = req.top_p
+    if req.stop:
+        kw["stop"] = list(req.stop)
+    if req.seed is not None:
+        kw["seed"] = req.seed
+    async for resp in handle.options(stream=True).chat.remote(ChatCompletionRequest(**kw)):
         r = resp[0] if isinstance(resp, list) else resp
         if hasattr(r, "choices"):
-            return {
-                "text": r.choices[0].message.content or "",
-                "prompt_tokens": r.usage.prompt_tokens,
-                "completion_tokens": r.usage.completion_tokens,
-                "model_version": served_name,
-            }
+            fr = r.choices[0].finish_reason
+            return ModelReply(
+                text=r.choices[0].message.content or "",
+                finish_reason=FINISH_LENGTH if fr == "length" else FINISH_STOP,
+                prompt_tokens=r.usage.prompt_tokens,
+                completion_tokens=r.usage.completion_tokens,
+                prefix_cached=False,
+                model_version=served_name,
+            )
         raise RuntimeError(f"vLLM error: {r}")
     raise RuntimeError("vLLM returned no response")

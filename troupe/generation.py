@@ -32,9 +32,130 @@ def decode_reply(tokenizer, token_ids) -> str:
 
     A reply cut by ``max_new_tokens`` can end inside a multi-byte character (byte-level BPE spreads one
     Chinese character over several tokens); that partial character decodes to U+FFFD and is dropped.
-    U+FFFD elsewhere in the text is kept.
+    U+FFFD elsewhere in the text is kept. Streams use the same rule (:func:`visible_text`).
     """
-    return tokenizer.decode(token_ids, skip_special_tokens=True).rstrip().rstrip(REPLACEMENT_CHAR).strip()
+    return visible_text(_decode(tokenizer, token_ids), final=True)
+
+
+def _decode(tokenizer, token_ids) -> str:
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def visible_text(text: str, *, final: bool, stop: Sequence[str] = ()) -> str:
+    """The part of decoded reply text a client may see now; one rule for streams and whole replies.
+
+    Args:
+        text: decoded generated text so far (special tokens dropped), the stop string already cut off.
+        final: True when generation has ended. Then trailing whitespace and a trailing run of U+FFFD
+            (a multi-byte character cut by the token budget) are dropped. While generating, the same
+            tails are held back (they may still become text), and so is a tail that could begin one
+            of the ``stop`` strings.
+        stop: stop strings of the request (only used while generating).
+
+    Returns:
+        The visible text, leading whitespace stripped. While generating it is always a prefix of the
+        final reply's text, so streamed deltas concatenate to exactly the non-streamed reply.
+    """
+    text = text.lstrip()
+    if not final:
+        hold = 0
+        for s in stop:  # longest tail of text that is a proper prefix of a stop string
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        if hold:
+            text = text[:-hold]
+    return text.rstrip().rstrip(REPLACEMENT_CHAR).rstrip()
+
+
+def finish_reply(tokenizer, ids: Sequence[int], eos: int | None, stop: Sequence[str] = ()):
+    """``(reply text, ids up to the stop point, finish_reason)`` of a row's generated ids.
+
+    The reply ends at the first end-of-turn token (kept in the ids), or at the token that completes
+    the first stop string (the text is cut before the stop string), whichever comes first; else the
+    budget cut it (``"length"``). Text follows :func:`visible_text` (``final=True``).
+    """
+    ids = list(ids)
+    if eos is not None and eos in ids:
+        ids = ids[: ids.index(eos) + 1]
+        reason = "stop"
+    else:
+        reason = "length"
+    stop = [x for x in stop if x]
+    if stop:
+        text, hit = cut_at_stop(_decode(tokenizer, ids), stop)
+        if hit:
+            k = next(k for k in range(1, len(ids) + 1) if cut_at_stop(_decode(tokenizer, ids[:k]), stop)[1])
+            return visible_text(text, final=True), ids[:k], "stop"
+    return decode_reply(tokenizer, ids), ids, reason
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``(text before the earliest stop string, whether one matched)`` (OpenAI ``stop`` semantics:
+    the matched string is not part of the reply)."""
+    at = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """The tokenizer's special tokens as text (``all_special_tokens`` plus every added token marked
+    special, e.g. ChatML's ``<|im_start|>``), longest first."""
+    found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(t, "special", False) and t.content:
+            found.add(t.content)
+    return sorted((t for t in found if t), key=len, reverse=True)
+
+
+#: inserted after the first character of a special-token string in client text (zero-width space)
+NEUTRAL_MARK = "\u200b"
+
+
+def neutralise_special_tokens(text: str, tokenizer) -> str:
+    """Make chat-template special tokens in message text plain text (OWASP LLM01, prompt injection).
+
+    Every occurrence of one of the tokenizer's special tokens (:func:`special_token_strings`, read
+    from the tokenizer, not a fixed list) gets a zero-width space after its first character, e.g.
+    ``<|im_start|>`` -> ``<\u200b|im_start|>``: it still reads the same, but tokenizes as ordinary
+    text, so client text can never open a system turn or close a turn. Text without special tokens is
+    returned unchanged.
+    """
+    import re
+
+    specials = special_token_strings(tokenizer)
+    if not specials or not text:
+        return text
+    pattern = re.compile("|".join(re.escape(t) for t in specials))
+    for _ in range(8):  # one pass suffices; repeated as a guard against overlapping spellings
+        new = pattern.sub(lambda m: m.group(0)[0] + NEUTRAL_MARK + m.group(0)[1:], text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
+def role_start_ids(tokenizer) -> set[int]:
+    """Ids of the chat template's role-start special token(s) (ChatML ``<|im_start|>``, Llama 3
+    ``<|start_header_id|>``): the first special token of a rendered turn whose count grows by one with
+    each message. Empty when the template has none."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            special.add(int(i))
+    one = [{"role": "user", "content": "a"}]
+    two = one + [{"role": "assistant", "content": "b"}]
+    try:
+        ids1 = tokenizer.apply_chat_template(one, tokenize=False)
+        ids2 = tokenizer.apply_chat_template(two, tokenize=False)
+    except Exception:
+        return set()
+    ids1 = tokenizer(ids1, add_special_tokens=False)["input_ids"]
+    ids2 = tokenizer(ids2, add_special_tokens=False)["input_ids"]
+    for t in ids1:
+        if t in special and ids2.count(t) == ids1.count(t) + 1:
+            return {t}
+    return set()
 
 
 @dataclass
@@ -46,12 +167,23 @@ class GenRequest:
         max_new_tokens: generation budget (tokens).
         temperature: 0 = greedy, else sampling temperature.
         cache_key: key of the card prefix in the prefix cache (the character id), or None for no cache.
+        top_p: nucleus sampling mass in (0, 1] when sampling (0.95 was evaluation's and DPO pair
+            sampling's setting before the field existed, so it is the default).
+        stop: strings that end the reply; the reply is cut before the first one (not included).
+        seed: seed of this request's own sampling generator (same request + seed = same reply);
+            None = draw from the generator of the :meth:`PrefixGenerator.generate` call.
+        prefill: assistant text the reply continues (a final assistant message rendered with
+            ``continue_final_message=True``); the reply does not repeat it.
     """
 
     messages: list[dict[str, str]]
     max_new_tokens: int = 48
     temperature: float = 0.0
     cache_key: str | None = None
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    prefill: str = ""
 
 
 @dataclass
@@ -63,8 +195,11 @@ class GenResult:
         completion_tokens: generated tokens (end-of-turn included, padding excluded).
         latency_ms: wall time of the ``generate`` call that produced the row (shared by its batch).
         prefix_cached: the card prefix's KV cache came from the cache (no prefill of the card).
-        finished: the reply ended with the end-of-turn token within ``max_new_tokens`` (False = cut).
-        token_ids: the generated ids (end-of-turn included, padding excluded).
+        finished: the reply ended with the end-of-turn token or a stop string within
+            ``max_new_tokens`` (False = cut by the budget).
+        token_ids: the generated ids (end-of-turn included, padding excluded; up to the stop point).
+        finish_reason: ``"stop"`` (end-of-turn token or stop string) or ``"length"`` (budget cut).
+        batch_size: rows decoded together with this one (1 when alone).
     """
 
     text: str
@@ -74,6 +209,8 @@ class GenResult:
     prefix_cached: bool
     finished: bool = True
     token_ids: list[int] | None = None
+    finish_reason: str = "stop"
+    batch_size: int = 1
 
 
 class PrefixCache:
@@ -160,17 +297,46 @@ class PrefixGenerator:
         self.model, self.tok = model, tokenizer
         self.device = torch.device(device)
         self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self._role_ids: set[int] | None = None
+        #: shape of the last tokenized prompt (:meth:`note_prompt`); None before the first
+        self.last_prompt: dict[str, int] | None = None
 
     # -- prompt layout -------------------------------------------------------------------------
-    def texts(self, messages: list[dict[str, str]]) -> tuple[str, str]:
-        """(prefix text = rendered system turn, suffix text = the rest + generation prompt)."""
-        full = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def texts(self, messages: list[dict[str, str]], prefill: str = "") -> tuple[str, str]:
+        """(prefix text = rendered system turn, suffix text = the rest + generation prompt).
+
+        This is the one place prompts are rendered for tokenization: every message's content (and the
+        prefill) goes through :func:`neutralise_special_tokens` first. With ``prefill`` the prompt
+        ends inside an assistant turn holding it (``continue_final_message=True``), so the reply
+        continues that text.
+        """
+        msgs = [
+            {**m, "content": neutralise_special_tokens(m.get("content") or "", self.tok)} for m in messages
+        ]
+        if prefill:
+            msgs.append({"role": "assistant", "content": neutralise_special_tokens(prefill, self.tok)})
+            full = self.tok.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+        else:
+            full = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         prefix = ""
-        if messages and messages[0]["role"] == "system":
-            prefix = self.tok.apply_chat_template(messages[:1], tokenize=False)
+        if msgs and msgs[0]["role"] == "system":
+            prefix = self.tok.apply_chat_template(msgs[:1], tokenize=False)
             if not full.startswith(prefix):  # template does not render the system turn separately
                 prefix = ""
         return prefix, full[len(prefix) :]
+
+    def note_prompt(self, n_messages: int, ids: Sequence[int], prefill: bool) -> None:
+        """Record the shape of the last tokenized prompt (:attr:`last_prompt`, for ``info()`` and the
+        injection test): messages, role-start special tokens found, and how many the real turns
+        account for (one a message, plus the generation prompt's assistant header unless prefilled)."""
+        if self._role_ids is None:
+            self._role_ids = role_start_ids(self.tok)
+        self.last_prompt = {
+            "messages": n_messages + (1 if prefill else 0),
+            "role_markers": sum(1 for t in ids if t in self._role_ids),
+            "expected_role_markers": n_messages + 1,
+            "tokens": len(ids),
+        }
 
     def ids(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added)."""
@@ -219,20 +385,27 @@ class PrefixGenerator:
 
         if seed is not None:
             torch.manual_seed(seed)
-        groups: dict[tuple[str | None, str, int, float], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         suffixes = []
         for i, r in enumerate(requests):
-            prefix, suffix = self.texts(r.messages)
+            prefix, suffix = self.texts(r.messages, r.prefill)
             suffixes.append(self.ids(suffix))
-            groups.setdefault((r.cache_key, prefix, r.max_new_tokens, r.temperature), []).append(i)
+            if i == len(requests) - 1:
+                self.note_prompt(len(r.messages), self.ids(prefix) + suffixes[-1], bool(r.prefill))
+            key = (r.cache_key, prefix, r.max_new_tokens, r.temperature, r.top_p, tuple(r.stop), r.seed)
+            groups.setdefault(key, []).append(i)
         results: list[GenResult | None] = [None] * len(requests)
         t0, done, new_tokens = time.perf_counter(), 0, 0
-        for (key, prefix, max_new, temp), idx in groups.items():
+        for (key, prefix, max_new, temp, top_p, stop, rseed), idx in groups.items():
             idx = sorted(idx, key=lambda i: len(suffixes[i]))
             step = batch_size or len(idx)
             for j in range(0, len(idx), step):
                 rows = idx[j : j + step]
-                outs = self._generate_batch(key, prefix, [suffixes[i] for i in rows], max_new, temp)
+                if rseed is not None:
+                    torch.manual_seed(rseed)
+                outs = self._generate_batch(
+                    key, prefix, [suffixes[i] for i in rows], max_new, temp, top_p, stop
+                )
                 for i, o in zip(rows, outs, strict=True):
                     results[i] = o
                     new_tokens += o.completion_tokens
@@ -247,7 +420,14 @@ class PrefixGenerator:
         return [r for r in results if r is not None]
 
     def _generate_batch(
-        self, key: str | None, prefix_text: str, s_ids: list[list[int]], max_new: int, temp: float
+        self,
+        key: str | None,
+        prefix_text: str,
+        s_ids: list[list[int]],
+        max_new: int,
+        temp: float,
+        top_p: float = 0.95,
+        stop: Sequence[str] = (),
     ) -> list[GenResult]:
         import torch
 
@@ -267,7 +447,7 @@ class PrefixGenerator:
             max_new_tokens=max_new, do_sample=temp > 0, pad_token_id=pad, eos_token_id=eos
         )
         if temp > 0:
-            gen_kw.update(temperature=temp, top_p=0.95)
+            gen_kw.update(temperature=temp, top_p=top_p)
         else:
             gen_kw.update(temperature=None, top_p=None, top_k=None)
         if kv is not None and len(rows) > 1:
@@ -280,14 +460,13 @@ class PrefixGenerator:
         results = []
         for row, s in zip(out, s_ids, strict=True):
             new = row[width + len(p_ids) :].tolist()
-            finished = eos in new
-            if finished:
-                new = new[: new.index(eos) + 1]
-            else:
-                while new and new[-1] == pad:
-                    new.pop()
+            while new and new[-1] == pad and pad != eos:
+                new.pop()
+            text, new, reason = finish_reply(self.tok, new, eos, stop)
             results.append(
-                GenResult(decode_reply(self.tok, new), len(p_ids) + len(s), len(new), ms, cached, finished, new)
+                GenResult(
+                    text, len(p_ids) + len(s), len(new), ms, cached, reason == "stop", new, reason, len(rows)
+                )
             )
         return results
 

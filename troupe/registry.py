@@ -6,7 +6,10 @@
   copy); a local directory (``dvc repro``) is logged as the run's ``model`` artifacts first. The
   characters the model was trained and evaluated with (``paths.splits/characters.jsonl``) travel
   with the version: logged as the run's ``characters.jsonl`` artifact and named by the version tags
-  ``troupe.characters_uri`` / ``troupe.characters_sha256`` (:mod:`serving.contract`). The gate
+  ``troupe.characters_uri`` / ``troupe.characters_sha256`` (:mod:`serving.contract`), and the
+  character catalogue by ``troupe.catalogue_version`` / ``troupe.catalogue_uri``: the catalogue
+  ``troupe characters build`` wrote (``work/catalogue/characters.jsonl``) when there is one, else the
+  logged characters file itself (:func:`troupe.characters.catalogue.catalogue_version`). The gate
   (:func:`gate`) decides on evidence from the :class:`troupe.eval_contract.EvalResult` in
   ``paths.eval``: thresholds apply to interval bounds, a split with fewer than the policy's ``min_n``
   replies is "insufficient evidence", and regression against the ``champion`` alias is a paired
@@ -571,23 +574,43 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
         )
         chars_text = storage.read_text(chars_loc)
         chars_sha = hashlib.sha256(chars_text.encode("utf-8")).hexdigest()
+        catalogue = _catalogue(params)
         out = path_of(params, "registry")
         out.mkdir(parents=True, exist_ok=True)
         name = reg.get("model_name", "troupe-roleplay")
         champion = _champion(_client(), name, tmp / "champion")
         verdicts = gate(result, policy, champion)
-        decision = _record(params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out)
+        decision = _record(
+            params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out, catalogue
+        )
     click.echo((out / "gate.md").read_text())
     return decision
 
 
+def _catalogue(params: dict[str, Any]) -> tuple[str, str] | None:
+    """``(version, uri)`` of the run's character catalogue (``troupe characters build``), None when it
+    has none; a local catalogue is named by its absolute path."""
+    from troupe import storage
+    from troupe.characters.catalogue import catalogue_location, catalogue_version
+
+    loc = catalogue_location(params)
+    if not storage.exists(loc):
+        return None
+    uri = loc if storage.is_remote(loc) else str(Path(loc).resolve())
+    return catalogue_version(storage.read_text(loc)), uri
+
+
 def _record(
-    params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out
+    params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out, catalogue=None
 ) -> dict[str, Any]:
-    """Log the register run, create the version with its evidence, set tags/alias, write the files."""
+    """Log the register run, create the version with its evidence, set tags/alias, write the files.
+
+    ``catalogue`` is ``(version, uri)`` of the run's catalogue; None: the logged characters file is it.
+    """
     import mlflow
 
     from troupe import storage
+    from troupe.characters.catalogue import catalogue_version
     from troupe.tracking import step_run
 
     reg = section(params, "registry")
@@ -637,6 +660,12 @@ def _record(
             contract.CHARACTERS_SHA256_TAG: chars_sha,
             "troupe.metrics_uri": f"{run.info.artifact_uri}/metrics.json",
         }
+        cat_version, cat_uri = catalogue or (
+            catalogue_version(chars_text),
+            f"{run.info.artifact_uri}/{contract.CHARACTERS_FILE}",
+        )
+        tags[contract.CATALOGUE_VERSION_TAG] = cat_version
+        tags[contract.CATALOGUE_URI_TAG] = cat_uri
         if score_rows:
             tags[SCORES_URI_TAG] = f"{run.info.artifact_uri}/eval/{SCORES_FILE}"
         compact = json.dumps(_compact(cand_metrics), separators=(",", ":"))
@@ -650,6 +679,8 @@ def _record(
             "model_uri": contract.model_version_uri(name, mv.version),
             "source": source,
             "characters_sha256": chars_sha,
+            "catalogue_version": cat_version,
+            "catalogue_uri": cat_uri,
             "candidate": cand_name,
             "status": status,
             "passed": passed,

@@ -37,7 +37,11 @@ ROLLBACK_REASON = "reason"
 #: local path or ``s3://`` URI of a catalogue file, :mod:`troupe.characters.catalogue`). Changing it
 #: in ``user_config`` reloads the characters in the Router replicas; model replicas keep running.
 CATALOGUE_URI = "catalogue_uri"
-USER_CONFIG_KEYS = frozenset({CANARY_WEIGHT, ROLLED_BACK, ROLLBACK_REASON, CATALOGUE_URI})
+#: Router ``user_config`` key: the content version (:func:`troupe.characters.catalogue.catalogue_version`)
+#: of the catalogue the deployer read. Serve calls ``reconfigure`` only when ``user_config`` changes,
+#: so re-applying the same URI with new content changes this key and the Router reloads.
+CATALOGUE_VERSION = "catalogue_version"
+USER_CONFIG_KEYS = frozenset({CANARY_WEIGHT, ROLLED_BACK, ROLLBACK_REASON, CATALOGUE_URI, CATALOGUE_VERSION})
 
 #: Application args naming the models; ``models:/<name>/<version>`` pins a version by number.
 STABLE_MODEL_URI = "stable_model_uri"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.contract import CANARY, STABLE, VARIANTS
-from troupe.contract import Character, Message, to_chat
+from troupe.contract import Character, Message
 from troupe.persona import render_system_prompt
 
 
@@ -32,13 +32,26 @@ class GatewayError(Exception):
         message: human-readable reason.
     """
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.param = param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        """OpenAI-style error body: ``{"error": {"code", "message", "type"}}``."""
-        return {"error": {"code": self.code, "message": self.message, "type": "invalid_request_error"}}
+        """OpenAI-style error body: ``{"error": {"code", "message", "type", "param"}}`` (the shape of
+        ``openai.types.shared.ErrorObject``; ``param`` names the offending request field)."""
+        kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+            self.status, "invalid_request_error"
+        )
+        return {"error": {"code": self.code, "message": self.message, "type": kind, "param": self.param}}
 
 
 # -- API keys -------------------------------------------------------------------------------------
@@ -106,43 +119,126 @@ class Limits:
     max_input_tokens: int = 2048
     history_token_budget: int = 1024
     max_new_tokens: int = 256
+    #: tokens of lorebook entries inserted after the persona card (0 = no lorebook insertion)
+    lore_token_budget: int = 256
+    #: per API key (or client IP when keys are off) token bucket: sustained rate and burst; 0 = off
+    requests_per_minute: int = 0
+    burst: int = 10
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Limits:
-        known = {k: int(v) for k, v in (d or {}).items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """Limits from a ``gateway.limits`` mapping.
+
+        Raises:
+            ValueError: an unknown key or a value that is not a non-negative integer (names the key).
+        """
+        d = d or {}
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"gateway.limits: unknown keys {unknown} (known: {sorted(cls.__dataclass_fields__)})"
+            )
+        out: dict[str, int] = {}
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0 or int(v) != v:
+                raise ValueError(f"gateway.limits.{k}: {v!r} is not a non-negative integer")
+            out[k] = int(v)
+        return cls(**out)
+
+
+#: Client roles and the role each takes in the context: OpenAI's ``developer`` is a system turn.
+CLIENT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def message_text(content: Any, where: str) -> str:
+    """Text of an OpenAI message ``content``: a string, or a list of content parts whose ``text``
+    parts are joined (the shape ``openai.types.chat.ChatCompletionContentPartTextParam``).
+
+    Raises:
+        GatewayError: 400 naming ``where`` for any other type or a non-text part (images, audio).
+    """
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise GatewayError(
+                    400,
+                    "invalid_request",
+                    f"{where}[{j}]: only text content parts are supported",
+                    f"{where}[{j}]",
+                )
+            out.append(part["text"])
+        return "".join(out)
+    raise GatewayError(
+        400, "invalid_request", f"{where}: content must be a string or a list of text parts", where
+    )
 
 
 def parse_messages(raw: Any, limits: Limits) -> list[Message]:
     """Validate client messages (list of ``{role, content}``) against the contract and limits.
 
+    ``system`` and ``developer`` messages may stand anywhere (SillyTavern sends author's notes and
+    world info as later system messages); both become ``system`` turns kept in place. A last
+    ``assistant`` message is a prefill to continue (:func:`split_prefill`).
+
     Raises:
         GatewayError: 400 for a non-list, too many messages, a bad role/content, a too-long message,
-            a ``system`` message other than the first, or no user message at the end.
+            or no user turn (the last non-system turn must be a user turn or a prefill after one).
     """
     if not isinstance(raw, list) or not raw:
-        raise GatewayError(400, "invalid_request", "messages must be a non-empty list")
+        raise GatewayError(400, "invalid_request", "messages must be a non-empty list", "messages")
     if len(raw) > limits.max_messages:
-        raise GatewayError(400, "too_many_messages", f"{len(raw)} messages > limit {limits.max_messages}")
+        raise GatewayError(
+            400, "too_many_messages", f"{len(raw)} messages > limit {limits.max_messages}", "messages"
+        )
     msgs: list[Message] = []
     for i, m in enumerate(raw):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise GatewayError(400, "invalid_request", f"messages[{i}]: role must be system|user|assistant")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise GatewayError(400, "invalid_request", f"messages[{i}]: content must be a string")
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in CLIENT_ROLES:
+            raise GatewayError(
+                400, "invalid_request", f"{where}.role must be one of {sorted(CLIENT_ROLES)}", f"{where}.role"
+            )
+        content = message_text(m.get("content"), f"{where}.content")
         if len(content) > limits.max_message_chars:
             raise GatewayError(
-                400, "message_too_long", f"messages[{i}]: {len(content)} chars > {limits.max_message_chars}"
+                400,
+                "message_too_long",
+                f"{where}.content: {len(content)} chars > {limits.max_message_chars}",
+                f"{where}.content",
             )
-        if m["role"] == "system" and i != 0:
-            raise GatewayError(400, "invalid_request", f"messages[{i}]: system only allowed first")
-        msgs.append(Message(role=m["role"], content=content))
-    if msgs[-1].role != "user":
-        raise GatewayError(400, "invalid_request", "the last message must be a user turn")
+        msgs.append(Message(role=CLIENT_ROLES[m["role"]], content=content))
+    turns = [m for m in msgs if m.role != "system"]
+    if not turns or not any(m.role == "user" for m in turns):
+        raise GatewayError(400, "invalid_request", "messages: no user turn", "messages")
+    if turns[-1].role == "assistant" and turns[-2].role != "user":
+        raise GatewayError(
+            400,
+            "invalid_request",
+            "the last message must be a user turn (or one prefill after it)",
+            "messages",
+        )
     return msgs
+
+
+def split_prefill(messages: list[Message]) -> tuple[list[Message], str]:
+    """``(messages up to the last user turn and the system notes after it, prefill text)``: a last
+    ``assistant`` message is a prefill the reply continues (SillyTavern's "continue"); ``""`` when
+    the chat ends with a user turn."""
+    msgs = list(messages)
+    for i in range(len(msgs) - 1, -1, -1):
+        if msgs[i].role == "assistant":
+            if any(m.role == "user" for m in msgs[i + 1 :]):
+                break
+            return msgs[:i] + msgs[i + 1 :], msgs[i].content
+        if msgs[i].role == "user":
+            break
+    return msgs, ""
 
 
 def merge_user_turns(messages: list[Message]) -> list[Message]:
@@ -156,23 +252,43 @@ def merge_user_turns(messages: list[Message]) -> list[Message]:
     return out
 
 
-def build_prompt(character: Character, messages: list[Message], limits: Limits) -> list[dict[str, str]]:
-    """Chat-template messages: the rendered persona card + the newest turns under the token budget.
+def build_prompt(
+    character: Character,
+    messages: list[Message],
+    limits: Limits,
+    *,
+    lore: str = "",
+    post_history: str = "",
+) -> list[dict[str, str]]:
+    """Chat-template messages: the rendered persona card, lorebook text, the newest turns under the
+    token budget, and the card's post-history instructions.
 
-    The card (and a leading client ``system`` scene instruction) is always kept; the oldest turns
-    are dropped first, in whole user/assistant pairs, and the history never starts with an
-    assistant turn. The card itself counts towards ``max_input_tokens``, not the history budget.
+    Layout: ``[card (system), lore (system, if any), turns..., post_history (system, if any)]``. The
+    card is the first system message, rendered alone and so byte-identical for every request of a
+    character (the KV prefix cache is keyed on it); client ``system``/``developer`` messages are
+    never merged into it: they stay system turns in their place in the history, after the card and
+    its rules. The oldest user/assistant turns are dropped first, in whole pairs, and the kept
+    history starts with a user turn. System notes before the client's first user turn (its scene
+    setup) are always kept; later notes are windowed with the turns around them. The card, lore,
+    leading notes and post-history count towards ``max_input_tokens``, not the history budget.
 
     Raises:
         GatewayError: 400 when the newest user turn alone exceeds the history budget or the prompt
             exceeds ``max_input_tokens``.
     """
-    chat = to_chat(merge_user_turns(messages), render_system_prompt(character))
-    system, turns = chat[0], chat[1:]
-    last = estimate_tokens(turns[-1]["content"])
+    msgs = merge_user_turns(messages)
+    system = {"role": "system", "content": render_system_prompt(character)}
+    first_user = next(i for i, m in enumerate(msgs) if m.role == "user")
+    lead = [{"role": "system", "content": m.content} for m in msgs[:first_user]]
+    turns = [{"role": m.role, "content": m.content} for m in msgs[first_user:]]
+    last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
+    last = estimate_tokens(turns[last_user]["content"])
     if last > limits.history_token_budget:
         raise GatewayError(
-            400, "too_many_tokens", f"last user turn ~{last} tokens > budget {limits.history_token_budget}"
+            400,
+            "too_many_tokens",
+            f"last user turn ~{last} tokens > budget {limits.history_token_budget}",
+            "messages",
         )
     kept: list[dict[str, str]] = []
     used = 0
@@ -183,11 +299,144 @@ def build_prompt(character: Character, messages: list[Message], limits: Limits) 
         kept.insert(0, t)
         used += n
     while kept and kept[0]["role"] != "user":
-        kept.pop(0)
-    total = estimate_tokens(system["content"]) + used
+        used -= estimate_tokens(kept.pop(0)["content"])
+    head = [system]
+    if lore.strip():
+        head.append({"role": "system", "content": lore.strip()})
+    tail = [{"role": "system", "content": post_history}] if post_history.strip() else []
+    fixed = sum(estimate_tokens(m["content"]) for m in head + lead + tail)
+    total = fixed + used
     if total > limits.max_input_tokens:
-        raise GatewayError(400, "too_many_tokens", f"prompt ~{total} tokens > {limits.max_input_tokens}")
-    return [system, *kept]
+        raise GatewayError(
+            400, "too_many_tokens", f"prompt ~{total} tokens > {limits.max_input_tokens}", "messages"
+        )
+    return [*head, *lead, *kept, *tail]
+
+
+# -- rate limits ----------------------------------------------------------------------------------
+class RateLimiter:
+    """Token buckets per client key (Turner's token bucket, as in RFC 2697's single-rate meter):
+    ``rate_per_min / 60`` tokens a second refill each bucket up to ``burst``; a request takes one.
+
+    Buckets live in one Router replica; with R Router replicas a client gets up to R times the
+    rate (the chart runs one Router per environment by default). Idle buckets are dropped LRU
+    beyond ``max_keys``.
+    """
+
+    def __init__(self, rate_per_min: float, burst: int, max_keys: int = 100_000) -> None:
+        self.rate = float(rate_per_min) / 60.0
+        self.burst = max(1, int(burst))
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    def acquire(self, key: str, now: float) -> float:
+        """Take one token from ``key``'s bucket at time ``now`` (seconds, monotonic).
+
+        Returns:
+            0.0 when allowed, else the seconds until a token is available (the ``Retry-After``).
+        """
+        if not self.enabled:
+            return 0.0
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+        wait = 0.0
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            wait = (1.0 - tokens) / self.rate
+        self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+def client_key(headers: dict[str, str], client_host: str | None) -> str:
+    """Rate-limit key: the API key's SHA-256 (``Authorization: Bearer`` / ``x-api-key``), else the
+    client IP (``ip:<host>``). Never the raw key (keys are not kept in memory tables)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    key = h.get("x-api-key", "")
+    auth = h.get("authorization", "")
+    if not key and auth.lower().startswith("bearer "):
+        key = auth[7:].strip()
+    return f"key:{sha256_hex(key)}" if key else f"ip:{client_host or 'unknown'}"
+
+
+# -- moderation -----------------------------------------------------------------------------------
+#: Refusal sent instead of a blocked reply, in the character's language (``en`` for other languages
+#: unless the config names one).
+REFUSALS = {"zh": "这个我们换个话题聊吧。", "en": "Let's talk about something else."}
+#: Moderation rules by name, each a test on :class:`troupe.checks.ReplyCheck` (blacklist = the
+#: assistant phrases of :data:`troupe.checks.ASSISTANT_PHRASES` plus ``moderation.blacklist``).
+MODERATION_RULES = ("blacklist", "language", "markup", "name_prefix", "stage_direction", "length", "empty")
+
+
+@dataclass
+class Moderation:
+    """The moderation hook on replies (``gateway.moderation``): ``mode`` ``off``, ``flag`` (the reply
+    goes out, marked in ``troupe.moderation`` and counted in metrics) or ``block`` (the reply is
+    replaced by a refusal in the character's language and ``finish_reason`` is
+    ``content_filter``); ``rules`` that count (:data:`MODERATION_RULES`); extra ``blacklist``
+    phrases (case-insensitive); ``refusal`` texts by language."""
+
+    mode: str = "off"
+    rules: tuple[str, ...] = ("blacklist", "name_prefix")
+    blacklist: tuple[str, ...] = ()
+    refusal: dict[str, str] | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Moderation:
+        """Raises: ValueError naming the field for an unknown mode, rule or key."""
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"mode", "rules", "blacklist", "refusal"})
+        if unknown:
+            raise ValueError(f"gateway.moderation: unknown keys {unknown}")
+        mode = str(d.get("mode", "off"))
+        if mode not in ("off", "flag", "block"):
+            raise ValueError(f"gateway.moderation.mode: {mode!r} is not off|flag|block")
+        rules = tuple(d.get("rules", cls.rules))
+        bad = sorted(set(rules) - set(MODERATION_RULES))
+        if bad:
+            raise ValueError(f"gateway.moderation.rules: unknown {bad} (known: {list(MODERATION_RULES)})")
+        return cls(mode, rules, tuple(str(p).lower() for p in d.get("blacklist") or ()), d.get("refusal"))
+
+    def blacklisted(self, text: str) -> str | None:
+        """The first blacklisted phrase in ``text`` (assistant phrases + configured ones), or None."""
+        from troupe.checks import has_assistant_phrase
+
+        hit = has_assistant_phrase(text)
+        if hit:
+            return hit
+        low = text.lower()
+        return next((p for p in self.blacklist if p and p in low), None)
+
+    def check(self, reply: str, character: Character) -> list[str]:
+        """Rules ``reply`` breaks (empty = clean; always empty with mode ``off``)."""
+        if self.mode == "off":
+            return []
+        from troupe.checks import check_reply
+
+        c = check_reply(reply, character_name=character.name, language=character.language)
+        from troupe.markup import strip_markup
+
+        found = {
+            "blacklist": bool(self.blacklisted(strip_markup(reply))),
+            "language": not c.language_ok,
+            "markup": not c.markup_valid,
+            "name_prefix": c.name_prefix,
+            "stage_direction": c.stage_direction,
+            "length": not c.length_ok,
+            "empty": not strip_markup(reply).strip(),
+        }
+        return [r for r in self.rules if found[r]]
+
+    def refusal_text(self, language: str) -> str:
+        """The refusal in ``language`` (configured texts first, then :data:`REFUSALS`, then English)."""
+        texts = {**REFUSALS, **(self.refusal or {})}
+        return texts.get(language, texts["en"])
 
 
 # -- routing --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ def app_config(
     canary_uri: str | None = None,
     canary_weight_percent: float = 0.0,
     extra_args: dict[str, Any] | None = None,
+    catalogue_uri: str | None = None,
 ) -> dict[str, Any]:
     """One ``ServeDeploySchema`` application entry for ``env``.
 
@@ -79,6 +80,9 @@ def app_config(
         canary_uri: canary model (production rollout), None for no canary.
         canary_weight_percent: initial canary share in percent (the Router's ``user_config``).
         extra_args: more ``build_app`` args (serving-config overrides).
+        catalogue_uri: the character catalogue to serve (local path, made absolute, or ``s3://``);
+            set as the ``catalogue_uri`` arg and, with its content version, in the Router
+            ``user_config`` (:func:`catalogue_user_config`).
 
     Returns:
         ``{name, route_prefix, import_path, args, deployments, runtime_env}``.
@@ -112,19 +116,60 @@ def app_config(
     if chars:  # a local model dir has no registered characters: serve those of this run
         args["characters"] = chars
     args.update(extra_args or {})
+    user_config = contract.router_user_config(canary_weight_percent)
+    if catalogue_uri:
+        cat = catalogue_user_config(catalogue_uri)
+        args[contract.CATALOGUE_URI] = cat[contract.CATALOGUE_URI]
+        user_config.update(cat)
     env_vars = {k: os.environ[k] for k in (contract.API_KEYS_ENV, "HF_HUB_OFFLINE") if k in os.environ}
     out: dict[str, Any] = {
         "name": app_name(env),
         "route_prefix": args["route_prefix"],
         "import_path": IMPORT_PATH,
         "args": args,
-        "deployments": [
-            {"name": contract.ROUTER, "user_config": contract.router_user_config(canary_weight_percent)}
-        ],
+        "deployments": [{"name": contract.ROUTER, "user_config": user_config}],
     }
     if env_vars:
         out["runtime_env"] = {"env_vars": env_vars}
     return out
+
+
+def catalogue_user_config(uri: str) -> dict[str, str]:
+    """Router ``user_config`` keys that make the Router serve the catalogue at ``uri``: the URI (a
+    local path made absolute) and its content version now
+    (:func:`troupe.characters.catalogue.load_catalogue`), so re-applying the same URI after the file
+    changed is a new ``user_config`` and the Router reloads.
+
+    Raises:
+        CatalogueError / StorageError: the catalogue cannot be read or holds a bad record.
+    """
+    from troupe.characters.catalogue import load_catalogue
+
+    uri = str(uri)
+    if "://" not in uri:
+        uri = str(Path(uri).resolve())
+    return {contract.CATALOGUE_URI: uri, contract.CATALOGUE_VERSION: load_catalogue(uri).version}
+
+
+def reload_characters(name: str, catalogue_uri: str, wait: bool = True) -> dict[str, Any]:
+    """Make the deployed app ``name`` serve the catalogue at ``catalogue_uri`` now: only the Router's
+    ``user_config`` changes (:func:`set_router_config`; canary settings kept), so model replicas keep
+    running and the Router replicas reload the characters in place.
+
+    Returns:
+        The new Router ``user_config``.
+
+    Raises:
+        click.ClickException: the app is not deployed; CatalogueError / StorageError: bad catalogue.
+    """
+    cat = catalogue_user_config(catalogue_uri)
+    current = deployed_apps().get(name)
+    if current is None:
+        raise click.ClickException(f"application {name!r} is not deployed (troupe deploy first)")
+    router = next((d for d in current.get("deployments", []) if d.get("name") == contract.ROUTER), {})
+    uc = {**(router.get("user_config") or {}), **cat}
+    set_router_config(name, uc, wait=wait)
+    return uc
 
 
 def connect(address: str = "auto", num_cpus: int | None = None) -> None:
@@ -277,7 +322,9 @@ def set_router_config(name: str, user_config: dict[str, Any], wait: bool = True)
     """Set the Router ``user_config`` of a deployed app (in-place reconfigure; models untouched).
 
     Only this application's Router changes (the others are written back as read, under
-    :func:`serve_config_lock`). Returns the new app config.
+    :func:`serve_config_lock`). Catalogue keys (``catalogue_uri``, ``catalogue_version``) of the
+    deployed ``user_config`` are kept unless ``user_config`` names them, so a canary-weight update
+    does not drop the catalogue a reload set. Returns the new app config.
 
     Raises:
         click.ClickException: the app is not deployed declaratively.
@@ -293,7 +340,12 @@ def set_router_config(name: str, user_config: dict[str, Any], wait: bool = True)
         app = current[name]
         deps = [d for d in app.get("deployments", []) if d.get("name") != contract.ROUTER]
         router = next((d for d in app.get("deployments", []) if d.get("name") == contract.ROUTER), {})
-        deps.append({**router, "name": contract.ROUTER, "user_config": dict(user_config)})
+        keep = {
+            k: v
+            for k, v in (router.get("user_config") or {}).items()
+            if k in (contract.CATALOGUE_URI, contract.CATALOGUE_VERSION) and k not in user_config
+        }
+        deps.append({**router, "name": contract.ROUTER, "user_config": {**keep, **user_config}})
         app["deployments"] = deps
         _get_global_client().deploy_apps(
             ServeDeploySchema.model_validate({"applications": list(current.values())})
@@ -462,6 +514,19 @@ def deploy_kubernetes(
     help="deploy only when paths.registry/decision.json says pass; otherwise write paths.deploy/skipped.json "
     "with the gate's status and exit 0 (what the KFP pipeline's condition does; used by dvc.yaml)",
 )
+@click.option(
+    "--catalogue",
+    "catalogue_uri",
+    default=None,
+    help="character catalogue to serve (local path or s3:// URI, `troupe characters ...`); "
+    "default: the characters stored with the model version",
+)
+@click.option(
+    "--reload-characters",
+    "reload_only",
+    is_flag=True,
+    help="only make the running app serve --catalogue (Router user_config; model replicas keep running)",
+)
 @step_options
 def deploy_cmd(
     params: dict,
@@ -473,11 +538,24 @@ def deploy_cmd(
     serve_url: str | None,
     timeout_s: float,
     if_gate_passed: bool,
+    catalogue_uri: str | None,
+    reload_only: bool,
 ) -> None:
     """Deploy/update the Serve app of an environment and write paths.deploy/smoke.json."""
     s = section(params, "serve")
     env = env or s.get("env", "test")
     out = path_of(params, "deploy")
+    if reload_only:
+        if not catalogue_uri:
+            raise click.UsageError("--reload-characters needs --catalogue URI")
+        if rayservice:
+            raise click.UsageError("--reload-characters works on the local Ray cluster (not --rayservice)")
+        connect(address)
+        uc = reload_characters(app_name(env), catalogue_uri)
+        click.echo(
+            f"[deploy] {app_name(env)} serves {uc[contract.CATALOGUE_URI]} ({uc[contract.CATALOGUE_VERSION]})"
+        )
+        return
     if if_gate_passed:
         decision = path_of(params, "registry") / "decision.json"
         status = (
@@ -499,9 +577,11 @@ def deploy_cmd(
         (out / "skipped.json").unlink(missing_ok=True)
     if rayservice:
         ns = namespace or _pod_namespace() or f"troupe-{'prod' if env == 'production' else env}"
+        if catalogue_uri:
+            raise click.UsageError("--catalogue with --rayservice: set the chart's catalogue value instead")
         smoke = deploy_kubernetes(env, params, rayservice, ns, model_uri, serve_url, timeout_s)
     else:
-        smoke = deploy_local(env, params, model_uri, address, s)
+        smoke = deploy_local(env, params, model_uri, address, s, catalogue_uri)
     out.mkdir(parents=True, exist_ok=True)
     (out / "smoke.json").write_text(json.dumps(smoke, ensure_ascii=False, indent=2), encoding="utf-8")
     click.echo(
@@ -515,9 +595,16 @@ def _pod_namespace() -> str | None:
 
 
 def deploy_local(
-    env: str, params: dict[str, Any], model_uri: str | None, address: str, s: dict[str, Any]
+    env: str,
+    params: dict[str, Any],
+    model_uri: str | None,
+    address: str,
+    s: dict[str, Any],
+    catalogue_uri: str | None = None,
 ) -> dict[str, Any]:
     """Deploy on the local Ray cluster (started when none runs) and send one chat request.
+
+    ``catalogue_uri``: serve that character catalogue (:func:`app_config`).
 
     A ``models:/<name>@<alias>`` stable model is pinned to the version the alias names now.
 
@@ -526,7 +613,7 @@ def deploy_local(
             in MLflow; redeploying would drop the canary under the controller).
     """
     host, port = s.get("host", "127.0.0.1"), int(s.get("port", 8000))
-    app = app_config(env, params, model_uri=model_uri)
+    app = app_config(env, params, model_uri=model_uri, catalogue_uri=catalogue_uri)
     uri = (
         app["args"].get(contract.STABLE_MODEL_URI)
         or f"models:/{app['args']['model_name']}@{app['args']['stable_alias']}"

@@ -140,3 +140,82 @@ def parse_reply(reply: str) -> ParsedReply:
 def strip_markup(reply: str) -> str:
     """Reply text without any markup (used for language id, length rules and overlap metrics)."""
     return parse_reply(reply).text
+
+
+# -- streaming ------------------------------------------------------------------------------------
+@dataclass
+class MarkupEvent:
+    """One event of a streamed reply: ``kind`` ``text`` (``text`` = spoken text delta), ``emotion``
+    (``emotion`` = English label of a clause that just closed) or ``image`` (``image``)."""
+
+    kind: str
+    text: str = ""
+    emotion: str | None = None
+    image: Image | None = None
+
+
+_OPENERS = ("<emotion>", "<img>")
+_CLOSERS = {"<emotion>": "</emotion>", "<img>": "</img>"}
+
+
+def _safe_end(raw: str) -> int:
+    """Length of the longest prefix of ``raw`` holding no partial tag and no unclosed construct
+    (an ``<emotion>`` or ``<img>`` whose closing tag has not arrived yet)."""
+    cut = len(raw)
+    lt = raw.rfind("<")
+    if lt >= 0 and raw.find(">", lt) < 0:  # a tag may be starting: "<", "<emo", "</img"
+        cut = lt
+    for opener in _OPENERS:
+        o = raw.rfind(opener, 0, cut)
+        if o >= 0 and raw.find(_CLOSERS[opener], o) < 0:
+            cut = min(cut, o)
+    return cut
+
+
+class MarkupStream:
+    """Incremental reply parsing with the one parser (:func:`parse_reply`): feed raw text pieces as
+    they are generated, get spoken-text deltas, emotion and image events; never half a tag.
+
+    Each :meth:`feed` parses the longest prefix of the reply so far that ends outside any tag or
+    construct (:func:`_safe_end`), and emits what that parse adds to the previous one: the spoken
+    text beyond what was already sent, clauses whose emotion closed, complete images. Text that may
+    still turn into markup (``"a <"``) is held back until it resolves or the stream ends.
+    :meth:`finish` parses the whole reply, flushes the rest and returns the final
+    :class:`ParsedReply` (the same as ``parse_reply`` of the whole reply).
+
+    The spoken text sent is always a prefix of the final ``ParsedReply.text`` except where a later
+    piece changes how earlier text parses (whitespace trimmed at a clause end then continued): such
+    text is held back, never sent twice or wrongly.
+    """
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.sent_text = ""
+        self._emotions = 0
+        self._images = 0
+
+    def _events(self, parsed: ParsedReply, final: bool) -> list[MarkupEvent]:
+        out: list[MarkupEvent] = []
+        if parsed.text.startswith(self.sent_text) and len(parsed.text) > len(self.sent_text):
+            delta = parsed.text[len(self.sent_text) :]
+            out.append(MarkupEvent("text", text=delta))
+            self.sent_text = parsed.text
+        # a clause's emotion is final once its closing tag is in the parsed prefix
+        labels = [c.emotion for c in parsed.clauses if c.emotion]
+        for label in labels[self._emotions :]:
+            out.append(MarkupEvent("emotion", emotion=label))
+        self._emotions = max(self._emotions, len(labels))
+        for img in parsed.images[self._images :]:
+            out.append(MarkupEvent("image", image=img))
+        self._images = max(self._images, len(parsed.images))
+        return out
+
+    def feed(self, piece: str) -> list[MarkupEvent]:
+        """Add a raw piece of the reply; returns the events it completes (possibly none)."""
+        self.raw += piece
+        return self._events(parse_reply(self.raw[: _safe_end(self.raw)]), final=False)
+
+    def finish(self) -> tuple[list[MarkupEvent], ParsedReply]:
+        """End of the reply: the remaining events and the parse of the whole reply."""
+        parsed = parse_reply(self.raw)
+        return self._events(parsed, final=True), parsed

@@ -1,43 +1,47 @@
 """Model backends behind the ``Model`` deployment: transformers on CPU, vLLM (Ray Serve LLM) on GPU.
 
 :class:`TransformersBackend` loads a checkpoint and generates through
-:class:`troupe.generation.PrefixGenerator`, the one implementation of the per-character KV cache of
-the rendered persona card that evaluation and DPO pair building also use; it adds a lock (one
-``generate`` per replica at a time) and token streaming.
+:class:`troupe.generation.DecodeEngine` (continuous batching) over
+:class:`troupe.generation.PrefixGenerator`, the one implementation of prompt rendering and of the
+per-character KV cache of the rendered persona card that evaluation and DPO pair building also use.
+Concurrent requests, streamed or not, share the running batch.
 
 vLLM is imported only by :func:`vllm_engine_config` (optional ``gpu`` extra), never otherwise.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from serving.contract import FINISH_LENGTH, FINISH_STOP, ModelReply, ModelRequest, StreamDelta
 from troupe.generation import (  # noqa: F401 - re-exported
+    DecodeEngine,
     GenRequest,
     GenResult,
     PrefixCache,
     PrefixGenerator,
-    _decode,
-    cut_at_stop,
-    finish_reply,
-    visible_text,
 )
 
 
 class TransformersBackend:
-    """CPU (or single-GPU) generation with Hugging Face transformers and a persona-card KV cache.
+    """CPU (or single-GPU) generation with Hugging Face transformers: continuous batching and a
+    persona-card KV cache (:class:`troupe.generation.DecodeEngine` on a background thread).
 
     Args:
         model_dir: HF checkpoint directory (model + tokenizer with a chat template).
         dtype: torch dtype name.
-        prefix_cache_bytes: memory bound of the prefix cache; 0 disables it.
+        prefix_cache_bytes: byte bound of the prefix cache (0 = none; serving bounds it in tokens).
         device: ``cpu``, ``cuda`` or ``npu`` (Ascend, through ``torch_npu``; the ascend profile's
             backend, since no vllm-ascend release fits Ray Serve 2.60's dependencies).
+        prefix_cache_tokens: token bound of the prefix cache, LRU by character (0 = none; with both
+            bounds 0 the cache is off).
+        max_batch_size: most requests decoded together.
+        batch_wait_s: when idle, how long the first request waits for others to prefill with it.
     """
 
     def __init__(
@@ -46,6 +50,10 @@ class TransformersBackend:
         dtype: str = "float32",
         prefix_cache_bytes: int = 64 << 20,
         device: str = "cpu",
+        *,
+        prefix_cache_tokens: int = 0,
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.0,
     ):
         import torch
 
@@ -57,15 +65,43 @@ class TransformersBackend:
         self.device = torch.device(device)
         self.model, self.tok = load_model(model_dir, dtype)
         self.model.to(self.device)
-        self.gen = PrefixGenerator(self.model, self.tok, self.device, prefix_cache_bytes)
+        self.gen = PrefixGenerator(
+            self.model, self.tok, self.device, prefix_cache_bytes, prefix_cache_tokens=prefix_cache_tokens
+        )
         self.cache = self.gen.cache
-        self._lock = threading.Lock()  # one generate at a time per replica (torch uses all threads)
+        self.engine = DecodeEngine(self.gen, max_batch_size, batch_wait_s=batch_wait_s)
+
+    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> None:
+        """Queue a request on the decode loop; ``emit`` gets ``("delta", text)``, then
+        ``("done", GenResult)`` or ``("error", exc)`` on the loop's thread
+        (:meth:`troupe.generation.DecodeEngine.submit`)."""
+        self.engine.submit(request, emit)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        """Generate replies for a batch (:meth:`troupe.generation.PrefixGenerator.generate`, one
-        ``generate`` call per card prefix and settings); results in request order."""
-        with self._lock:
-            return self.gen.generate(requests)
+        """Generate replies (blocking); they join the running batch; results in request order.
+
+        Raises:
+            ValueError: a bad request field; whatever the model's forward raised.
+        """
+        box: list[Any] = [None] * len(requests)
+        left = threading.Semaphore(0)
+
+        def emit_for(i: int) -> Callable[[str, Any], None]:
+            def emit(kind: str, value: Any) -> None:
+                if kind != "delta":
+                    box[i] = value
+                    left.release()
+
+            return emit
+
+        for i, r in enumerate(requests):
+            self.engine.submit(r, emit_for(i))
+        for _ in requests:
+            left.acquire()
+        for v in box:
+            if isinstance(v, BaseException):
+                raise v
+        return box
 
     def first_token_ms(self, request: GenRequest) -> tuple[float, bool]:
         """Time to first token (ms) for one request and whether the card prefix came from the cache."""
@@ -75,102 +111,41 @@ class TransformersBackend:
         return (time.perf_counter() - t0) * 1000, res.prefix_cached
 
     def stream(self, request: GenRequest) -> Iterator[StreamDelta]:
-        """Yield :class:`serving.contract.StreamDelta` pieces as tokens are generated.
+        """Yield :class:`serving.contract.StreamDelta` pieces as tokens are generated (blocking).
 
-        Text deltas follow :func:`troupe.generation.visible_text` (never inside a UTF-8 character,
-        never a piece of a stop string), so they concatenate to the non-streamed reply's text. The last
-        delta has ``finish_reason`` and the token counts. Raises what generation raises.
+        Text deltas never end inside a UTF-8 character or a possible stop string and concatenate to
+        the non-streamed reply's text; the last delta has ``finish_reason``, the token counts and
+        ``extra`` ``{"prefix_cached", "batch_size"}``. Raises what generation raised.
         """
-        import queue
-
-        from transformers.generation.streamers import BaseStreamer
-
-        q: queue.Queue = queue.Queue()
-        stop_now = threading.Event()
-        prefix, suffix = self.gen.texts(request.messages, request.prefill)
-        eos = self.tok.eos_token_id
-
-        class _Ids(BaseStreamer):
-            first = True
-
-            def put(self, value) -> None:
-                if self.first:  # generate() passes the prompt first
-                    self.first = False
-                    return
-                q.put([int(t) for t in value.reshape(-1).tolist()])
-
-            def end(self) -> None:
-                q.put(None)
-
-        def run() -> None:
-            import torch
-            from transformers import StoppingCriteria, StoppingCriteriaList
-
-            class _Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
-                    return torch.full((input_ids.shape[0],), stop_now.is_set(), dtype=torch.bool)
-
-            try:
-                with self._lock:
-                    p_ids, kv, cached = self.gen.prefix(request.cache_key, prefix)
-                    s_ids = self.gen.ids(suffix)
-                    self.gen.note_prompt(len(request.messages), p_ids + s_ids, bool(request.prefill))
-                    q.put(("prompt", len(p_ids) + len(s_ids), cached))
-                    ids = torch.tensor([p_ids + s_ids], device=self.device)
-                    kw: dict[str, Any] = dict(
-                        max_new_tokens=request.max_new_tokens,
-                        do_sample=request.temperature > 0,
-                        pad_token_id=self.tok.pad_token_id,
-                        streamer=_Ids(),
-                        stopping_criteria=StoppingCriteriaList([_Stop()]),
-                    )
-                    if request.temperature > 0:
-                        kw.update(temperature=request.temperature, top_p=request.top_p)
-                        if request.seed is not None:
-                            torch.manual_seed(request.seed)
-                    else:
-                        kw.update(temperature=None, top_p=None, top_k=None)
-                    with torch.no_grad():
-                        self.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=kv, **kw
-                        )
-            except BaseException as e:  # surfaced to the consumer below
-                q.put(e)
-                q.put(None)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        new: list[int] = []
-        shown, prompt_tokens, stop = "", 0, [x for x in request.stop if x]
-        err: BaseException | None = None
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine.submit(request, lambda kind, value: q.put((kind, value)))
         while True:
-            item = q.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                err = item
-                continue
-            if isinstance(item, tuple):
-                prompt_tokens = item[1]
-                continue
-            if stop_now.is_set():
-                continue
-            new.extend(item)
-            text, hit = cut_at_stop(_decode(self.tok, new), stop)
-            if hit or (eos is not None and eos in new):
-                stop_now.set()
-                continue
-            vis = visible_text(text, final=False, stop=stop)
-            if len(vis) > len(shown) and vis.startswith(shown):
-                yield StreamDelta(text=vis[len(shown) :])
-                shown = vis
-        t.join()
-        if err is not None:
-            raise err
-        text, ids, reason = finish_reply(self.tok, new, eos, stop)
-        if text.startswith(shown) and len(text) > len(shown):
-            yield StreamDelta(text=text[len(shown) :])
-        yield StreamDelta(finish_reason=reason, prompt_tokens=prompt_tokens, completion_tokens=len(ids))
+            kind, value = q.get()
+            if kind == "delta":
+                yield StreamDelta(text=value)
+            elif kind == "done":
+                yield final_delta(value)
+                return
+            else:
+                raise value
+
+    def info(self) -> dict[str, Any]:
+        """Prefix-cache stats (None when off) and decode-loop stats."""
+        return {
+            "prefix_cache": self.cache.stats() if self.cache else None,
+            "engine": self.engine.stats(),
+        }
+
+
+def final_delta(r: GenResult, model_version: str = "") -> StreamDelta:
+    """The last :class:`StreamDelta` of a stream from its :class:`GenResult`."""
+    return StreamDelta(
+        finish_reason=FINISH_LENGTH if r.finish_reason == FINISH_LENGTH else FINISH_STOP,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        model_version=model_version,
+        extra={"prefix_cached": r.prefix_cached, "batch_size": r.batch_size},
+    )
 
 
 def vllm_engine_config(

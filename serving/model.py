@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from serving.contract import FINISH_LENGTH, FINISH_STOP, ModelReply, ModelRequest, StreamDelta
+from troupe.generation import DEFAULT_PREFIX_CACHE_TOKENS
 
 if TYPE_CHECKING:
-    from troupe.generation import GenRequest
+    from troupe.generation import GenRequest, GenResult
 
 
 def resolve_model(uri: str, tracking_uri: str | None) -> tuple[Path, str]:
@@ -50,12 +50,19 @@ def resolve_model(uri: str, tracking_uri: str | None) -> tuple[Path, str]:
 # -- model deployment -----------------------------------------------------------------------------
 @serve.deployment(name="Model", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Model:
-    """One model version behind the router (transformers backend, batched with ``@serve.batch``).
+    """One model version behind the router (transformers backend with continuous batching).
+
+    Concurrent requests, streamed or not, are decoded in one running batch
+    (:class:`troupe.generation.DecodeEngine`): they join and leave it at token steps.
 
     Args:
         uri: local checkpoint dir or ``models:/name@alias`` (resolved on the replica's node).
         tracking_uri: MLflow tracking URI for ``models:/`` URIs.
-        cfg: the ``model`` section (dtype, batching, prefix cache, generation defaults, ``fault``).
+        cfg: the ``model`` section: ``dtype``, ``device``, ``max_batch_size`` (rows decoded together),
+            ``batch_wait_timeout_s`` (when idle, how long a first request waits for others to prefill
+            with it), ``prefix_cache_tokens`` (persona-card KV cache bound in tokens, LRU by character;
+            0 with ``prefix_cache_mb`` 0 = off), ``prefix_cache_mb`` (optional upper bound in MiB;
+            0 = none), ``max_new_tokens``/``temperature`` defaults and ``fault``.
 
     ``fault`` (drills and tests): ``error_rate`` in [0, 1] fails that share of requests,
     ``reply`` replaces every generated reply with a fixed string.
@@ -69,11 +76,12 @@ class Model:
         self.backend = TransformersBackend(
             self.dir,
             cfg.get("dtype", "float32"),
-            int(float(cfg.get("prefix_cache_mb", 64)) * (1 << 20)),
+            int(float(cfg.get("prefix_cache_mb") or 0) * (1 << 20)),
             device=str(cfg.get("device", "cpu")),
+            prefix_cache_tokens=int(cfg.get("prefix_cache_tokens", DEFAULT_PREFIX_CACHE_TOKENS)),
+            max_batch_size=int(cfg.get("max_batch_size", 8)),
+            batch_wait_s=float(cfg.get("batch_wait_timeout_s", 0.02)),
         )
-        self._batch.set_max_batch_size(int(cfg.get("max_batch_size", 8)))
-        self._batch.set_batch_wait_timeout_s(float(cfg.get("batch_wait_timeout_s", 0.02)))
         self.fault = dict(cfg.get("fault") or {})
         self._rng = random.Random(0)
         self.calls = 0  # requests that reached this replica
@@ -116,46 +124,61 @@ class Model:
         if self._rng.random() < float(self.fault.get("error_rate", 0.0)):
             raise RuntimeError("injected fault (model.fault.error_rate)")
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _batch(self, reqs: list[GenRequest]) -> list[ModelReply]:
-        results = await asyncio.to_thread(self.backend.generate, reqs)
-        return [
-            ModelReply(
-                text=self.fault.get("reply", r.text),
-                finish_reason=FINISH_LENGTH if r.finish_reason == FINISH_LENGTH else FINISH_STOP,
-                prompt_tokens=r.prompt_tokens,
-                completion_tokens=r.completion_tokens,
-                prefix_cached=r.prefix_cached,
-                model_version=self.version,
-                batch_size=r.batch_size,
-            )
-            for r in results
-        ]
+    def _reply(self, r: GenResult) -> ModelReply:
+        return ModelReply(
+            text=self.fault.get("reply", r.text),
+            finish_reason=FINISH_LENGTH if r.finish_reason == FINISH_LENGTH else FINISH_STOP,
+            prompt_tokens=r.prompt_tokens,
+            completion_tokens=r.completion_tokens,
+            prefix_cached=r.prefix_cached,
+            model_version=self.version,
+            batch_size=r.batch_size,
+        )
 
     async def generate(self, req: ModelRequest) -> ModelReply:
-        """Generate one reply.
+        """Generate one reply; it joins the replica's running batch.
 
         Args:
             req: the :class:`serving.contract.ModelRequest` (a dict of its fields is accepted too).
 
         Returns:
             :class:`serving.contract.ModelReply`: text without the stop string, ``finish_reason``
-            ``stop``/``length``, this request's own prompt/completion token counts, whether the card
-            prefix was cached, this replica's version label and the batch size it was decoded in.
+            ``stop``/``length``, this request's own prompt/completion token counts (no padding),
+            whether the card prefix was cached, this replica's version label and the largest batch
+            it was decoded in.
 
         Raises:
-            ValueError: a request field out of range; RuntimeError: an injected fault.
+            ValueError: a request field out of range (named); RuntimeError: an injected fault;
+            whatever the model's forward raised.
         """
         self.calls += 1
         self._maybe_fail()
-        return await self._batch(self._gen_request(req))
+        g = self._gen_request(req)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def settle(kind: str, value: Any) -> None:
+            if fut.done():
+                return
+            if kind == "done":
+                fut.set_result(value)
+            elif kind == "error":
+                fut.set_exception(value)
+
+        self.backend.submit(g, lambda kind, value: loop.call_soon_threadsafe(settle, kind, value))
+        return self._reply(await fut)
 
     async def stream(self, req: ModelRequest):
-        """Yield :class:`serving.contract.StreamDelta` pieces of one reply.
+        """Yield :class:`serving.contract.StreamDelta` pieces of one reply as it is decoded.
 
         Text deltas never end inside a UTF-8 character and concatenate to the text :meth:`generate`
         returns for the same greedy request; the last delta carries ``finish_reason``, the token
-        counts and ``model_version`` (``fault.reply`` is yielded as one piece before it).
+        counts, ``model_version`` and ``extra`` ``{"prefix_cached", "batch_size"}``
+        (``fault.reply`` is yielded as one piece before it).
+
+        Raises:
+            ValueError: a request field out of range (named); RuntimeError: an injected fault;
+            whatever the model's forward raised.
         """
         self.calls += 1
         self._maybe_fail()
@@ -164,13 +187,20 @@ class Model:
             yield StreamDelta(text=self.fault["reply"], model_version=self.version)
             yield StreamDelta(finish_reason=FINISH_STOP, model_version=self.version)
             return
-        it = self.backend.stream(g)
-        done = object()
+        from serving.backend import final_delta
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self.backend.submit(g, lambda kind, value: loop.call_soon_threadsafe(q.put_nowait, (kind, value)))
         while True:
-            piece = await asyncio.to_thread(next, it, done)
-            if piece is done:
-                break
-            yield replace(piece, model_version=self.version)
+            kind, value = await q.get()
+            if kind == "delta":
+                yield StreamDelta(text=value, model_version=self.version)
+            elif kind == "done":
+                yield final_delta(value, self.version)
+                return
+            else:
+                raise value
 
     async def ttft_ms(self, req: ModelRequest) -> dict[str, Any]:
         """Time to first token (ms) and whether the persona-card prefix came from the KV cache."""
@@ -178,7 +208,9 @@ class Model:
         return {"ttft_ms": ms, "prefix_cached": cached}
 
     def info(self) -> dict[str, Any]:
-        """Model dir, version label, requests served, prefix-cache stats and ``last_prompt``.
+        """Model dir, version label, requests served, ``prefix_cache`` (entries, tokens, bytes, their
+        bounds, bytes per token, hits/misses/evictions, keys LRU first; None when off), ``engine``
+        (decode steps, running/waiting rows, largest batch, recent batch sizes) and ``last_prompt``.
 
         ``last_prompt`` describes the last tokenized prompt (None before the first): ``messages``,
         ``role_markers`` (chat-template role-start special tokens in its ids, e.g. ChatML
@@ -186,11 +218,10 @@ class Model:
         turn the reply goes into) and ``tokens``. Client text cannot add role markers
         (:func:`troupe.generation.neutralise_special_tokens`), so the two counts are equal.
         """
-        cache = self.backend.cache.stats() if self.backend.cache else None
         return {
             "model_dir": str(self.dir),
             "model_version": self.version,
             "calls": self.calls,
-            "prefix_cache": cache,
+            **self.backend.info(),
             "last_prompt": self.backend.gen.last_prompt,
         }

@@ -15,13 +15,15 @@ Two generators, both used by evaluation, DPO pair building and serving:
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+#: default token bound of serving's persona-card KV cache: 16 cards of ~1,200 tokens, with room
+DEFAULT_PREFIX_CACHE_TOKENS = 20480
 
 #: U+FFFD, what a byte-level BPE decode yields for a UTF-8 sequence the token budget cut in half
 REPLACEMENT_CHAR = "\ufffd"
@@ -214,15 +216,27 @@ class GenResult:
 
 
 class PrefixCache:
-    """LRU cache of ``(prefix token ids, past_key_values)`` per key, bounded in bytes.
+    """LRU cache of persona-card KV prefixes, one entry per key (character), bounded in tokens.
+
+    Each entry holds ``(prefix text, prefix token ids, KV tensors)``; the KV tensors are one
+    ``(keys, values)`` pair a layer, each ``[1, kv_heads, prefix_tokens, head_dim]``, shared read-only
+    by every request that uses them (requests copy them into their batch). The least recently used
+    entries are evicted while the cached tokens exceed ``max_tokens`` (or the bytes ``max_bytes``).
 
     Args:
-        max_bytes: memory bound of all cached KV tensors; the least recently used entries are evicted
-            to stay under it (an entry larger than the bound is not stored).
+        max_bytes: optional memory bound (bytes) of all cached KV tensors; 0 = none.
+        max_tokens: bound of all cached prefix tokens; 0 = none. One card's bytes are its tokens times
+            the model's per-token KV size (:func:`kv_bytes_per_token`), reported in :meth:`stats`.
+        bytes_per_token: the model's KV bytes per token (for :meth:`stats`; 0 = unknown).
+
+    An entry larger than a bound on its own is not stored. Raises ValueError when both bounds are 0.
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_bytes: int = 0, *, max_tokens: int = 0, bytes_per_token: int = 0) -> None:
+        self.max_bytes, self.max_tokens = int(max_bytes), int(max_tokens)
+        if self.max_bytes <= 0 and self.max_tokens <= 0:
+            raise ValueError("PrefixCache: give max_tokens or max_bytes (> 0); no cache = no PrefixCache")
+        self.bytes_per_token = int(bytes_per_token)
         self._items: OrderedDict[str, tuple[str, list[int], Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -233,8 +247,17 @@ class PrefixCache:
     def nbytes(self) -> int:
         return sum(v[3] for v in self._items.values())
 
+    @property
+    def ntokens(self) -> int:
+        return sum(len(v[1]) for v in self._items.values())
+
+    def _over(self) -> bool:
+        return (self.max_tokens > 0 and self.ntokens > self.max_tokens) or (
+            self.max_bytes > 0 and self.nbytes > self.max_bytes
+        )
+
     def get(self, key: str, prefix_text: str) -> tuple[list[int], Any] | None:
-        """Cached ``(ids, cache)`` for ``key`` if its prefix text still matches, else None (a miss)."""
+        """Cached ``(ids, kv)`` for ``key`` if its prefix text still matches, else None (a miss)."""
         with self._lock:
             item = self._items.get(key)
             if item is None or item[0] != prefix_text:
@@ -245,13 +268,15 @@ class PrefixCache:
             return item[1], item[2]
 
     def put(self, key: str, prefix_text: str, ids: list[int], cache: Any, nbytes: int) -> None:
-        """Store an entry and evict least recently used ones above ``max_bytes``."""
-        if nbytes > self.max_bytes:
+        """Store an entry (most recently used) and evict least recently used ones above the bounds."""
+        if (self.max_bytes > 0 and nbytes > self.max_bytes) or (
+            self.max_tokens > 0 and len(ids) > self.max_tokens
+        ):
             return
         with self._lock:
             self._items.pop(key, None)
             self._items[key] = (prefix_text, ids, cache, nbytes)
-            while self.nbytes > self.max_bytes:
+            while self._over():
                 self._items.popitem(last=False)
                 self.evictions += 1
 
@@ -259,44 +284,85 @@ class PrefixCache:
         """Keys from least to most recently used."""
         return list(self._items)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Entries, cached tokens and bytes with their bounds, bytes per token, hits/misses/evictions
+        and the keys from least to most recently used."""
         return {
             "entries": len(self._items),
+            "tokens": self.ntokens,
+            "max_tokens": self.max_tokens,
             "bytes": self.nbytes,
             "max_bytes": self.max_bytes,
+            "bytes_per_token": self.bytes_per_token,
             "hits": self.hits,
             "misses": self.misses,
             "evictions": self.evictions,
+            "keys": self.keys(),
         }
 
 
 def cache_nbytes(cache: Any) -> int:
-    """Bytes held by the key/value tensors of a transformers ``Cache`` (its ``layers``)."""
+    """Bytes held by KV tensors: a transformers ``Cache`` (its ``layers``) or ``[(keys, values)]``."""
     n = 0
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
+    layers = getattr(cache, "layers", None)
+    pairs = (
+        [(getattr(x, "keys", None), getattr(x, "values", None)) for x in layers]
+        if layers is not None
+        else cache
+    )
+    for pair in pairs or []:
+        for t in pair:
             if t is not None and hasattr(t, "numel"):
                 n += t.numel() * t.element_size()
     return n
 
 
+def kv_bytes_per_token(model) -> int:
+    """KV-cache bytes one token takes in ``model``: layers x 2 (keys, values) x KV heads x head dim x
+    the dtype's size (e.g. SmolLM2-135M in fp32: 30 x 2 x 3 x 64 x 4 = 46,080 B)."""
+    cfg = (
+        model.config.get_text_config(decoder=True)
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return int(cfg.num_hidden_layers) * 2 * heads * head_dim * next(model.parameters()).element_size()
+
+
 class PrefixGenerator:
-    """Batched generation that prefills each persona card once (see the module docstring).
+    """Generation with persona-card prefix reuse and continuous batching (see the module docstring).
 
     Args:
         model, tokenizer: a causal LM and its fast tokenizer (with a chat template that renders the
             system turn as a prefix of the whole conversation, as ChatML does).
         device: torch device of ``model``.
-        prefix_cache_bytes: bound of the card KV cache; 0 disables reuse (every batch prefills its card).
+        prefix_cache_bytes: byte bound of the card KV cache (0 = no byte bound).
+        prefix_cache_tokens: token bound of the card KV cache (0 = no token bound). With both 0 there
+            is no reuse: every request prefills its card.
     """
 
-    def __init__(self, model, tokenizer, device: Any = "cpu", prefix_cache_bytes: int = 256 << 20) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: Any = "cpu",
+        prefix_cache_bytes: int = 256 << 20,
+        *,
+        prefix_cache_tokens: int = 0,
+    ) -> None:
         import torch
 
         self.model, self.tok = model, tokenizer
         self.device = torch.device(device)
-        self.cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.bytes_per_token = kv_bytes_per_token(model)
+        self.cache = (
+            PrefixCache(
+                prefix_cache_bytes, max_tokens=prefix_cache_tokens, bytes_per_token=self.bytes_per_token
+            )
+            if prefix_cache_bytes > 0 or prefix_cache_tokens > 0
+            else None
+        )
         self._role_ids: set[int] | None = None
         #: shape of the last tokenized prompt (:meth:`note_prompt`); None before the first
         self.last_prompt: dict[str, int] | None = None
@@ -343,21 +409,26 @@ class PrefixGenerator:
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
     def prefix(self, key: str | None, prefix_text: str) -> tuple[list[int], Any, bool]:
-        """``(prefix ids, a private copy of its KV cache or None, came from the cache)``; a miss
-        prefills the prefix and stores it."""
+        """``(prefix ids, its KV as [(keys, values)] a layer or None, came from the cache)``.
+
+        A miss prefills the prefix alone and stores it; without a cache (or key) the KV is None and
+        the caller prefills the prefix with the rest of the prompt. The returned tensors are shared:
+        read them, never write them.
+        """
         import torch
 
+        ids = self.ids(prefix_text)
         if self.cache is None or key is None or not prefix_text:
-            return self.ids(prefix_text), None, False
+            return ids, None, False
         hit = self.cache.get(key, prefix_text)
         if hit is not None:
-            ids, kv = hit
-            return ids, copy.deepcopy(kv), True
-        ids = self.ids(prefix_text)
+            return hit[0], hit[1], True
         with torch.no_grad():
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
-        kv = out.past_key_values
-        self.cache.put(key, prefix_text, ids, copy.deepcopy(kv), cache_nbytes(kv))
+            out = self.model(
+                input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1
+            )
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.cache.put(key, prefix_text, ids, kv, cache_nbytes(kv))
         return ids, kv, False
 
     # -- generation ----------------------------------------------------------------------------
@@ -369,106 +440,454 @@ class PrefixGenerator:
         seed: int | None = None,
         desc: str | None = None,
     ) -> list[GenResult]:
-        """Generate replies for ``requests``; rows sharing a card prefix and settings share ``generate`` calls.
+        """Generate replies for ``requests`` with the continuous-batching loop (:class:`DecodeEngine`)
+        on the calling thread.
 
         Args:
             requests: N requests (``messages[0]`` the system card; ``cache_key`` the character id).
-            batch_size: rows per ``generate`` call (0 = a whole prefix group at once, as serving does).
-                Within a group rows are sorted by suffix length so a batch pads little.
-            seed: ``torch.manual_seed`` before generating (sampling reproducible), None = leave as is.
-            desc: if given, print progress per batch: ``[desc] done/N replies, new tok/s, ETA``.
+            batch_size: most rows decoded together (0 = all N). Rows are admitted in order of
+                (card, prompt length), a finished row's place taken by the next at the next step.
+            seed: seed of the generator shared by sampled requests without their own ``seed``
+                (None = torch's global generator, as before).
+            desc: if given, print progress every 8 replies: ``[desc] done/N replies, new tok/s, ETA``.
 
         Returns:
-            N results in request order. Raises whatever ``model.generate`` raises.
+            N results in request order. Raises ValueError for a bad request field and whatever the
+            model's forward raises.
         """
-        import torch
+        engine = DecodeEngine(self, max_batch_size=batch_size or max(1, len(requests)), seed=seed)
+        return engine.run(requests, desc=desc)
 
-        if seed is not None:
-            torch.manual_seed(seed)
-        groups: dict[tuple, list[int]] = {}
-        suffixes = []
-        for i, r in enumerate(requests):
-            prefix, suffix = self.texts(r.messages, r.prefill)
-            suffixes.append(self.ids(suffix))
-            if i == len(requests) - 1:
-                self.note_prompt(len(r.messages), self.ids(prefix) + suffixes[-1], bool(r.prefill))
-            key = (r.cache_key, prefix, r.max_new_tokens, r.temperature, r.top_p, tuple(r.stop), r.seed)
-            groups.setdefault(key, []).append(i)
-        results: list[GenResult | None] = [None] * len(requests)
-        t0, done, new_tokens = time.perf_counter(), 0, 0
-        for (key, prefix, max_new, temp, top_p, stop, rseed), idx in groups.items():
-            idx = sorted(idx, key=lambda i: len(suffixes[i]))
-            step = batch_size or len(idx)
-            for j in range(0, len(idx), step):
-                rows = idx[j : j + step]
-                if rseed is not None:
-                    torch.manual_seed(rseed)
-                outs = self._generate_batch(
-                    key, prefix, [suffixes[i] for i in rows], max_new, temp, top_p, stop
-                )
-                for i, o in zip(rows, outs, strict=True):
-                    results[i] = o
-                    new_tokens += o.completion_tokens
-                done += len(rows)
-                if desc:
-                    el = time.perf_counter() - t0
-                    print(
-                        f"[{desc}] {done}/{len(requests)} replies, {new_tokens / max(el, 1e-9):.0f} new tok/s, "
-                        f"ETA {el / done * (len(requests) - done):.0f}s",
-                        flush=True,
-                    )
-        return [r for r in results if r is not None]
 
-    def _generate_batch(
+@dataclass
+class _Row:
+    """One request inside :class:`DecodeEngine` (its prompt, sampling state and output so far)."""
+
+    req: GenRequest
+    index: int
+    p_ids: list[int]
+    s_ids: list[int]
+    kv: Any
+    cached: bool
+    gen: Any
+    emit: Callable[[str, Any], None] | None
+    t0: float
+    prefix_text: str = ""
+    ids: list[int] = field(default_factory=list)
+    shown: str = ""
+    batch_size: int = 1
+    result: GenResult | None = None
+
+    @property
+    def stop(self) -> list[str]:
+        return [s for s in self.req.stop if s]
+
+
+def _check_request(r: GenRequest) -> None:
+    """Raise ValueError naming the first bad field of a request."""
+    if not isinstance(r.messages, list) or not r.messages:
+        raise ValueError("GenRequest.messages: a non-empty list of {role, content} is required")
+    if int(r.max_new_tokens) < 1:
+        raise ValueError(f"GenRequest.max_new_tokens: {r.max_new_tokens} (must be >= 1)")
+    if r.temperature < 0:
+        raise ValueError(f"GenRequest.temperature: {r.temperature} (must be >= 0)")
+    if not 0.0 < r.top_p <= 1.0:
+        raise ValueError(f"GenRequest.top_p: {r.top_p} (must be in (0, 1])")
+
+
+class DecodeEngine:
+    """Continuous batching: one decode loop over a padded batch in which requests join and leave at
+    token steps.
+
+    Why not ``transformers.generation.continuous_batching`` (``ContinuousBatchingManager``): in
+    transformers 5.23 sampling (``do_sample``) and its seed are set once per manager, not per request,
+    it has no stop strings, and its paged cache replaces the per-character card KV cache that
+    evaluation and serving share. This loop keeps the card cache and samples each row on its own.
+
+    Layout: the batch's KV is one ``[rows, kv_heads, T, head_dim]`` tensor pair a layer with a
+    ``[rows, T]`` attention mask. A row is ``[pad][card prefix][pad][suffix][generated]``; position ids
+    count only its real tokens (the mask's cumulative sum), so padding anywhere is skipped. Admitting
+    rows prefills their suffixes together on top of their card KVs (from :class:`PrefixCache`) and
+    left-pads the shorter of the new rows and the running batch to merge them; a finished row's
+    entries are dropped and columns that are padding in every row are trimmed.
+
+    Each step a row gets one token: greedy (temperature 0) is the argmax; sampling applies temperature
+    and top-p (Hugging Face's order) and draws from the row's own generator when it has a ``seed``.
+    Text is decoded from all of a row's ids each step; :func:`visible_text` decides what may be shown,
+    so stream deltas never end inside a UTF-8 character or a possible stop string, and concatenate to
+    the final reply (:func:`finish_reply`).
+
+    Args:
+        pg: the :class:`PrefixGenerator` (model, tokenizer, prompt rendering, card cache).
+        max_batch_size: most rows decoded together.
+        seed: seed of the generator of sampled rows without their own seed (None = torch's global).
+        batch_wait_s: when the engine is idle, how long the background loop waits for more requests to
+            prefill together with the first one (seconds).
+
+    Used two ways: :meth:`run` decodes a list of requests on the calling thread (evaluation, DPO
+    pairs); :meth:`start` runs the loop on a background thread that :meth:`submit` feeds (serving).
+    """
+
+    def __init__(
         self,
-        key: str | None,
-        prefix_text: str,
-        s_ids: list[list[int]],
-        max_new: int,
-        temp: float,
-        top_p: float = 0.95,
-        stop: Sequence[str] = (),
-    ) -> list[GenResult]:
+        pg: PrefixGenerator,
+        max_batch_size: int = 8,
+        *,
+        seed: int | None = None,
+        batch_wait_s: float = 0.0,
+    ) -> None:
         import torch
 
-        t0 = time.perf_counter()
-        p_ids, kv, cached = self.prefix(key, prefix_text)
-        width = max(len(s) for s in s_ids)
-        pad = self.tok.pad_token_id
-        eos = self.tok.eos_token_id
-        rows, masks = [], []
-        for s in s_ids:
-            k = width - len(s)
-            rows.append(p_ids + [pad] * k + s)
-            masks.append([1] * len(p_ids) + [0] * k + [1] * len(s))
-        input_ids = torch.tensor(rows, device=self.device)
-        attention_mask = torch.tensor(masks, device=self.device)
-        gen_kw: dict[str, Any] = dict(
-            max_new_tokens=max_new, do_sample=temp > 0, pad_token_id=pad, eos_token_id=eos
-        )
-        if temp > 0:
-            gen_kw.update(temperature=temp, top_p=top_p)
-        else:
-            gen_kw.update(temperature=None, top_p=None, top_k=None)
-        if kv is not None and len(rows) > 1:
-            kv.batch_repeat_interleave(len(rows))
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, past_key_values=kv, **gen_kw
-            )
-        ms = (time.perf_counter() - t0) * 1000
-        results = []
-        for row, s in zip(out, s_ids, strict=True):
-            new = row[width + len(p_ids) :].tolist()
-            while new and new[-1] == pad and pad != eos:
-                new.pop()
-            text, new, reason = finish_reply(self.tok, new, eos, stop)
-            results.append(
-                GenResult(
-                    text, len(p_ids) + len(s), len(new), ms, cached, reason == "stop", new, reason, len(rows)
+        self.pg, self.model, self.tok = pg, pg.model, pg.tok
+        self.device = pg.device
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.batch_wait_s = float(batch_wait_s)
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else (self.eos or 0)
+        self.shared_gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        self.rows: list[_Row] = []
+        self.kv: list[tuple[Any, Any]] | None = None
+        self.mask = None  # [rows, T] long
+        self.pos = None  # [rows] long: next position of each row
+        self._waiting: deque[_Row] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.steps = 0  # decode steps run
+        self.prefills = 0  # admission (prefill) passes run
+        self.largest_batch = 0
+        self.batch_log: deque[tuple[int, int]] = deque(maxlen=256)  # (step, rows) of recent steps
+
+    # -- background loop (serving) ---------------------------------------------------------------
+    def start(self) -> DecodeEngine:
+        """Start the decode loop on a daemon thread (idempotent); returns self."""
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="troupe-decode", daemon=True)
+                self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the background loop (requests still queued get an error event)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> None:
+        """Queue one request for the background loop.
+
+        ``emit(kind, value)`` is called on the loop's thread: ``("delta", text)`` for each new piece of
+        visible text, then ``("done", GenResult)``, or ``("error", exception)``. It must not block.
+
+        Raises:
+            ValueError: a bad request field (named). RuntimeError: the engine is closed.
+        """
+        _check_request(request)
+        row = self._new_row(request, 0, emit)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the decode engine is closed")
+            self._waiting.append(row)
+            self._cond.notify_all()
+        self.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self.rows and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    for r in list(self._waiting) + self.rows:
+                        self._emit(r, "error", RuntimeError("the decode engine was closed"))
+                    return
+                if not self.rows and self.batch_wait_s > 0 and len(self._waiting) < self.max_batch_size:
+                    deadline = time.monotonic() + self.batch_wait_s
+                    while (
+                        len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0
+                    ):
+                        self._cond.wait(left)
+                new = []
+                while self._waiting and len(self.rows) + len(new) < self.max_batch_size:
+                    new.append(self._waiting.popleft())
+            try:
+                self.step(new)
+            except BaseException as e:  # every row of this batch fails; the loop goes on
+                for r in new + self.rows:
+                    self._emit(r, "error", e)
+                self.rows, self.kv, self.mask, self.pos = [], None, None, None
+
+    # -- synchronous use (evaluation) ------------------------------------------------------------
+    def run(self, requests: Sequence[GenRequest], desc: str | None = None) -> list[GenResult]:
+        """Decode ``requests`` on this thread; results in request order (see :class:`DecodeEngine`)."""
+        for r in requests:
+            _check_request(r)
+        rows = [self._new_row(r, i, None) for i, r in enumerate(requests)]
+        order = sorted(rows, key=lambda r: (str(r.req.cache_key), r.prefix_text, len(r.p_ids) + len(r.s_ids)))
+        waiting = deque(order)
+        t0, done = time.perf_counter(), 0
+        while waiting or self.rows:
+            new = []
+            while waiting and len(self.rows) + len(new) < self.max_batch_size:
+                new.append(waiting.popleft())
+            self.step(new)
+            now = sum(1 for r in rows if r.result is not None)
+            if desc and now > done and (now // 8 > done // 8 or now == len(rows)):
+                el = time.perf_counter() - t0
+                toks = sum(r.result.completion_tokens for r in rows if r.result is not None)
+                print(
+                    f"[{desc}] {now}/{len(rows)} replies, {toks / max(el, 1e-9):.0f} new tok/s, "
+                    f"ETA {el / now * (len(rows) - now):.0f}s",
+                    flush=True,
                 )
+            done = now
+        return [r.result for r in rows if r.result is not None]
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _new_row(self, req: GenRequest, index: int, emit) -> _Row:
+        import torch
+
+        prefix, suffix = self.pg.texts(req.messages, req.prefill)
+        p_ids, s_ids = self.pg.ids(prefix), self.pg.ids(suffix)
+        self.pg.note_prompt(len(req.messages), p_ids + s_ids, bool(req.prefill))
+        gen = None
+        if req.temperature > 0:
+            gen = (
+                torch.Generator(device="cpu").manual_seed(int(req.seed))
+                if req.seed is not None
+                else self.shared_gen
             )
-        return results
+        return _Row(req, index, p_ids, s_ids, None, False, gen, emit, time.perf_counter(), prefix)
+
+    def step(self, new: Sequence[_Row] = ()) -> None:
+        """Admit ``new`` rows (prefill, first token) and run one decode step over the running batch."""
+        if new:
+            self._admit(list(new))
+        if self.rows:
+            self._decode()
+
+    def _admit(self, new: list[_Row]) -> None:
+        import torch
+
+        for r in new:
+            p_ids, kv, cached = self.pg.prefix(r.req.cache_key, r.prefix_text)
+            if kv is None:  # no cache: the card is prefilled with the rest of the prompt
+                r.p_ids, r.s_ids, r.kv, r.cached = [], p_ids + r.s_ids, None, False
+            else:
+                r.p_ids, r.kv, r.cached = p_ids, kv, cached
+        lp = max(len(r.p_ids) for r in new)
+        ls = max(len(r.s_ids) for r in new)
+        n = len(new)
+        mask = torch.zeros((n, lp + ls), dtype=torch.long)
+        inp = torch.full((n, ls), self.pad, dtype=torch.long)
+        for i, r in enumerate(new):
+            mask[i, lp - len(r.p_ids) : lp] = 1
+            mask[i, lp + ls - len(r.s_ids) :] = 1
+            inp[i, ls - len(r.s_ids) :] = torch.tensor(r.s_ids, dtype=torch.long)
+        past = None
+        if lp:
+            layers = []
+            for li in range(len(new[0].kv)):
+                ks, vs = [], []
+                for r in new:
+                    k, v = r.kv[li]
+                    ks.append(_left_pad(k, lp))
+                    vs.append(_left_pad(v, lp))
+                layers.append((torch.cat(ks), torch.cat(vs)))
+            past = _dynamic_cache(layers)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=inp.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=pos[:, lp:].to(self.device),
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.prefills += 1
+        for r in new:
+            r.kv = None  # the batch holds it now
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._merge(new, kv, mask, mask.sum(-1))
+        size = len(self.rows)
+        for r in new:
+            r.batch_size = max(r.batch_size, size)
+        tokens = self._sample(out.logits[:, -1, :], new)
+        self._advance(new, tokens)
+
+    def _decode(self) -> None:
+        import torch
+
+        tok = torch.tensor([[r.ids[-1]] for r in self.rows], dtype=torch.long)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
+        past = _dynamic_cache(self.kv)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=tok.to(self.device),
+                attention_mask=self.mask.to(self.device),
+                position_ids=self.pos[:, None].to(self.device),
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        self.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self.pos = self.pos + 1
+        self.steps += 1
+        size = len(self.rows)
+        self.largest_batch = max(self.largest_batch, size)
+        self.batch_log.append((self.steps, size))
+        rows = list(self.rows)
+        for r in rows:
+            r.batch_size = max(r.batch_size, size)
+        self._advance(rows, self._sample(out.logits[:, -1, :], rows))
+
+    def _merge(self, new: list[_Row], kv, mask, pos) -> None:
+        import torch
+
+        if not self.rows:
+            self.rows, self.kv, self.mask, self.pos = list(new), kv, mask, pos
+            return
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+        self.kv = [
+            (torch.cat([_left_pad(k0, t), _left_pad(k1, t)]), torch.cat([_left_pad(v0, t), _left_pad(v1, t)]))
+            for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
+        ]
+        self.mask = torch.cat([_left_pad_2d(self.mask, t), _left_pad_2d(mask, t)])
+        self.pos = torch.cat([self.pos, pos])
+        self.rows = self.rows + list(new)
+        self.largest_batch = max(self.largest_batch, len(self.rows))
+
+    def _sample(self, logits, rows: list[_Row]) -> list[int]:
+        """One token a row from its last logits ``[rows, vocab]``."""
+        import torch
+
+        logits = logits.float()
+        out = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.req.temperature <= 0:
+                continue
+            scores = logits[i] / r.req.temperature
+            if r.req.top_p < 1.0:  # Hugging Face's TopPLogitsWarper: drop the low tail of mass 1 - top_p
+                srt, idx = torch.sort(scores, descending=False)
+                cum = srt.softmax(-1).cumsum(-1)
+                drop = cum <= (1 - r.req.top_p)
+                drop[-1] = False
+                scores = scores.scatter(0, idx[drop], float("-inf"))
+            probs = scores.softmax(-1)
+            out[i] = int(torch.multinomial(probs, 1, generator=r.gen).item())
+        return out
+
+    def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
+        """Append each row's token; emit text; finish rows at end-of-turn, a stop string or the budget."""
+        finished = []
+        for r, t in zip(rows, tokens, strict=True):
+            r.ids.append(int(t))
+            stop = r.stop
+            text, hit = cut_at_stop(_decode(self.tok, r.ids), stop) if stop else (None, False)
+            end = hit or (self.eos is not None and t == self.eos) or len(r.ids) >= r.req.max_new_tokens
+            if end:
+                self._finish(r)
+                finished.append(r)
+            elif r.emit is not None:
+                if text is None:
+                    text = _decode(self.tok, r.ids)
+                vis = visible_text(text, final=False, stop=stop)
+                if len(vis) > len(r.shown) and vis.startswith(r.shown):
+                    self._emit(r, "delta", vis[len(r.shown) :])
+                    r.shown = vis
+        if finished:
+            self._drop(finished)
+
+    def _finish(self, r: _Row) -> None:
+        text, ids, reason = finish_reply(self.tok, r.ids, self.eos, r.stop)
+        ms = (time.perf_counter() - r.t0) * 1000
+        prompt = len(r.p_ids) + len(r.s_ids)
+        r.result = GenResult(
+            text, prompt, len(ids), ms, r.cached, reason == "stop", ids, reason, r.batch_size
+        )
+        if r.emit is not None:
+            if len(text) > len(r.shown) and text.startswith(r.shown):
+                self._emit(r, "delta", text[len(r.shown) :])
+                r.shown = text
+            self._emit(r, "done", r.result)
+
+    def _drop(self, finished: list[_Row]) -> None:
+        import torch
+
+        gone = {id(r) for r in finished}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.kv, self.mask, self.pos = [], None, None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        mask = self.mask.index_select(0, idx)
+        first = int((mask.sum(0) > 0).nonzero()[0].item())  # columns before it are padding in every row
+        self.mask = mask[:, first:]
+        self.kv = [
+            (
+                k.index_select(0, idx.to(k.device))[:, :, first:],
+                v.index_select(0, idx.to(v.device))[:, :, first:],
+            )
+            for k, v in self.kv
+        ]
+        self.pos = self.pos.index_select(0, idx)
+        self.rows = [self.rows[i] for i in keep]
+
+    @staticmethod
+    def _emit(r: _Row, kind: str, value: Any) -> None:
+        if r.emit is not None:
+            try:
+                r.emit(kind, value)
+            except Exception:  # a consumer that went away must not stop the loop
+                pass
+
+    def stats(self) -> dict[str, Any]:
+        """Decode steps and prefill passes run, rows running/waiting now, the batch bound, the largest
+        batch seen and the batch sizes of the last steps (``[[step, rows], ...]``)."""
+        return {
+            "steps": self.steps,
+            "prefills": self.prefills,
+            "running": len(self.rows),
+            "waiting": len(self._waiting),
+            "max_batch_size": self.max_batch_size,
+            "largest_batch": self.largest_batch,
+            "batch_log": [list(x) for x in list(self.batch_log)[-32:]],
+        }
+
+
+def _left_pad(t, length: int):
+    """Zero-pad a ``[B, H, T, D]`` KV tensor on the left of its sequence axis to ``length``."""
+    import torch
+
+    k = length - t.shape[2]
+    if k <= 0:
+        return t
+    return torch.cat([t.new_zeros((t.shape[0], t.shape[1], k, t.shape[3])), t], dim=2)
+
+
+def _left_pad_2d(m, length: int):
+    import torch
+
+    k = length - m.shape[1]
+    return m if k <= 0 else torch.cat([m.new_zeros((m.shape[0], k)), m], dim=1)
+
+
+def _dynamic_cache(layers: list[tuple[Any, Any]]):
+    """A transformers ``DynamicCache`` holding these ``(keys, values)`` tensors (no copy)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    cache.layers = []
+    for k, v in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
 
 
 def generate(

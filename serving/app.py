@@ -118,7 +118,8 @@ DEFAULTS: dict[str, Any] = {
         "resources": {},
         "max_batch_size": 8,
         "batch_wait_timeout_s": 0.02,
-        "prefix_cache_mb": 64,
+        "prefix_cache_tokens": 20480,  # persona-card KV cache, tokens, LRU by character; 0 = off
+        "prefix_cache_mb": 0,  # optional upper bound in MiB; 0 = none
         "max_new_tokens": 48,
         "temperature": 0.7,
         "fault": {},

@@ -98,7 +98,10 @@ _WREN_DATA = {
 }
 #: A SillyTavern-style V2 card: V1 fields mirrored at the top level next to spec/spec_version/data.
 WREN_V2 = {
-    **{k: _WREN_DATA[k] for k in ("name", "description", "personality", "scenario", "first_mes", "mes_example")},
+    **{
+        k: _WREN_DATA[k]
+        for k in ("name", "description", "personality", "scenario", "first_mes", "mes_example")
+    },
     "creatorcomment": _WREN_DATA["creator_notes"],
     "avatar": "none",
     "talkativeness": "0.6",
@@ -157,7 +160,10 @@ SHEN_V3 = {
         },
         "assets": [{"type": "icon", "uri": "ccdefault:", "name": "main", "ext": "png"}],
         "nickname": "星河",
-        "creator_notes_multilingual": {"en": "An invented companion for Troupe's examples.", "zh": "Troupe 的示例角色。"},
+        "creator_notes_multilingual": {
+            "en": "An invented companion for Troupe's examples.",
+            "zh": "Troupe 的示例角色。",
+        },
         "source": ["troupe:examples"],
         "group_only_greetings": ["大家往这边站，镜头已经对准银河了。"],
         "creation_date": 1735689600,
@@ -182,7 +188,9 @@ def wren_avatar() -> bytes:
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "wren_calloway.png").write_bytes(card_png({CHUNKS[SPEC_V2]: WREN_V2}, wren_avatar()))
-    (OUT / "shen_xinghe.json").write_text(json.dumps(SHEN_V3, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (OUT / "shen_xinghe.json").write_text(
+        json.dumps(SHEN_V3, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
+    )
 
 
 if __name__ == "__main__":

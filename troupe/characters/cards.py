@@ -45,7 +45,8 @@ Everything else is kept in ``Character.card`` so an export gives back the card i
 
 Export writes ``data.extensions.troupe`` = ``{"id", "language"}`` (kept with any other keys there).
 Converting between specs keeps what the target can hold: V3 -> V2 moves the V3-only ``data`` fields
-into ``data.extensions.troupe.v3`` (restored by a later V3 export); V2 -> V3 adds the required
+into ``data.extensions.troupe.v3`` (restored by a later V3 export; an empty ``group_only_greetings``
+is dropped, as a V3 export adds it back); V2 -> V3 adds the required
 ``group_only_greetings: []`` and drops V2's top-level fields (V3 has only spec/spec_version/data).
 A V3 PNG also carries a V2 ``chara`` chunk for V2-only readers (as SillyTavern writes both), without
 the spec's optional "loaded as V2" note in ``creator_notes``. JSON cards carry no image.
@@ -519,7 +520,8 @@ def card_to_character(
     stored: dict[str, Any] = {
         "spec": spec,
         "spec_version": card["spec_version"],
-        "data": {k: copy.deepcopy(v) for k, v in data.items() if k not in _GROUP_KEYS},
+        # spec order, so a card and its own export give the same record (and catalogue version)
+        "data": _ordered({k: copy.deepcopy(v) for k, v in data.items() if k not in _GROUP_KEYS}, SPEC_V3),
     }
     for k in mirrored:
         del root[k]
@@ -573,6 +575,8 @@ def character_to_card(character: Character, spec: str | None = None) -> dict[str
     troupe = ext.setdefault("troupe", {})
     troupe.update(id=character.id, language=character.language)
     if spec == SPEC_V2:
+        if data.get("group_only_greetings") == []:  # V3's required default; a V3 export adds it back
+            del data["group_only_greetings"]
         v3 = {k: data.pop(k) for k in V3_ONLY_FIELDS if k in data}
         if v3:
             troupe["v3"] = {**troupe.get("v3", {}), **v3}

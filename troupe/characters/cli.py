@@ -8,6 +8,7 @@ every step) and counts tokens with ``--tokenizer DIR`` when given, else estimate
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -137,7 +138,7 @@ def validate_cmd(
         click.echo(str(p))
     if problems:
         click.echo(f"{len(problems)} problem(s) in {n} character(s)", err=True)
-        raise click.exceptions.Exit(1)
+        sys.exit(1)  # not click's Exit: troupe.cli.main runs click non-standalone
     click.echo(f"{n} character(s) valid", err=True)
 
 

@@ -279,7 +279,9 @@ def build_prompt(
     msgs = merge_user_turns(messages)
     system = {"role": "system", "content": render_system_prompt(character)}
     first_user = next(i for i, m in enumerate(msgs) if m.role == "user")
-    lead = [{"role": "system", "content": m.content} for m in msgs[:first_user]]
+    # the client's scene setup before its first user turn: system notes kept, an opening assistant
+    # greeting dropped (the history starts with a user turn, as in training)
+    lead = [{"role": "system", "content": m.content} for m in msgs[:first_user] if m.role == "system"]
     turns = [{"role": m.role, "content": m.content} for m in msgs[first_user:]]
     last_user = max(i for i, t in enumerate(turns) if t["role"] == "user")
     last = estimate_tokens(turns[last_user]["content"])

@@ -210,6 +210,32 @@ def test_import_export_import_is_lossless(tmp_path, spec, fmt):
     assert load_catalogue(str(cat1)).version == load_catalogue(str(cat2)).version
 
 
+def test_lossless_with_nulls_absent_fields_unknown_keys_and_short_lines(tmp_path):
+    """Nulls, absent fields, bullet descriptions, a mes_example without <START>, unknown keys at the root
+    and in data: all come back; the language of short English lines is told from them together."""
+    card = {"spec": "chara_card_v2", "spec_version": "2.0", "avatar": "none", "name": "Ada Finch", "description": "old",
+            "data": {"name": "Ada Finch", "description": "- job: pilot\n- age: 40", "personality": None,
+                     "scenario": "  {{char}} flies.  ", "first_mes": "",
+                     "alternate_greetings": ["Hello there, {{user}}! Ready to fly today?"],
+                     "mes_example": "{{char}}: Wheels up.\n{{user}}: ok\n<START>\nJust a plain line here, no prefix.",
+                     "creator_notes": "", "tags": None, "character_book": None, "extensions": {"x": 1},
+                     "weird": [1, {"a": None}]}}  # fmt: skip
+    p = tmp_path / "ada.json"
+    p.write_text(json.dumps(card), encoding="utf-8")
+    cat = str(tmp_path / "c" / "characters.jsonl")
+    c = import_card(p, cat)
+    assert (c.id, c.language, c.profile, c.scene) == (
+        "ada_finch",
+        "en",
+        {"job": "pilot", "age": "40"},
+        "Ada Finch flies.",
+    )
+    assert c.examples == ["Wheels up.", "Just a plain line here, no prefix."] and c.style == ""
+    out = read_exported(export_character(cat, c.id, tmp_path / "o.json"), "v2")
+    assert out["data"]["extensions"].pop("troupe") == {"id": "ada_finch", "language": "en"}
+    assert out == card
+
+
 def test_png_card_prefers_ccv3_over_chara(tmp_path):
     p = tmp_path / "both.png"
     other = copy.deepcopy(WREN_V2)

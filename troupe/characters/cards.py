@@ -393,7 +393,8 @@ _MACRO = re.compile(r"\{\{[^{}]*\}\}|<bot>|<user>|<char>", re.I)
 def detect_card_language(data: dict[str, Any]) -> str | None:
     """The language a card's character speaks: the majority vote (:func:`troupe.data.validate.language_vote`)
     of :func:`troupe.checks.detect_language` over its greetings and speaking examples; the
-    description decides only when none of those is identified. None: nothing identified."""
+    description decides only when none of those is identified, and all of these texts together when
+    no single one is (short lines rarely reach py3langid's confidence floor). None: nothing identified."""
     from troupe.checks import detect_language
     from troupe.data.validate import language_vote
 
@@ -402,7 +403,8 @@ def detect_card_language(data: dict[str, Any]) -> str | None:
         *[g for g in data.get("alternate_greetings") or [] if isinstance(g, str)],
     ]
     speech += [t for who, t in _example_turns(_text(data, "mes_example")) if who != "user"]
-    for texts in (speech, [_text(data, "description")]):
+    description = _text(data, "description")
+    for texts in (speech, [description], ["\n".join([*speech, description])]):
         detected = [detect_language(_MACRO.sub(" ", t)) for t in texts if t.strip()]
         if any(detected):
             return language_vote("", detected).language

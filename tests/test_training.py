@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from tests.serve_fixtures import forget_stale_handles
 from troupe.contract import Character, Dialogue, Message
 from troupe.train.distributed import run_on_ray, train_loop
 from troupe.train.encoding import encode_dialogue
@@ -35,6 +36,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tiny_model_dir, tmp_path,
     from transformers import AutoTokenizer
 
     ray.shutdown()  # the local cluster started below inherits TROUPE_SCRATCH (node scratch)
+    forget_stale_handles()  # earlier sessions' handles must not drop refs to this session's actors
     monkeypatch.setenv("TROUPE_SCRATCH", str(tmp_path / "scratch"))
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))

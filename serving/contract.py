@@ -124,6 +124,18 @@ def check_user_config(user_config: dict[str, Any]) -> dict[str, Any]:
     return user_config
 
 
+def merged_user_config(current: dict[str, Any] | None, update: dict[str, Any]) -> dict[str, Any]:
+    """The Router ``user_config`` after ``update``: a rollout writes the canary keys only, so the
+    catalogue keys (:data:`CATALOGUE_URI`, :data:`CATALOGUE_VERSION`) of ``current`` stay unless
+    ``update`` sets them (a weight change must not revert the Router to the app args' catalogue)."""
+    keep = {
+        k: v
+        for k, v in (current or {}).items()
+        if k in (CATALOGUE_URI, CATALOGUE_VERSION) and k not in update
+    }
+    return {**keep, **update}
+
+
 def router_user_config(weight_percent: float, rolled_back: bool = False, reason: str = "") -> dict[str, Any]:
     """The Router ``user_config`` for a canary weight (percent), optionally marking a rollback."""
     out: dict[str, Any] = {CANARY_WEIGHT: check_weight(weight_percent)}

@@ -127,6 +127,20 @@ def test_rayservice_patch_only_touches_router_user_config():
     assert prod["deployments"][1] == {"name": "Router", "user_config": {"canary_weight_percent": 25.0}}
     assert prod["deployments"][0] == {"name": "stable", "num_replicas": 2}
     assert new["applications"][1] == cfg["applications"][1] and prod["args"] == {"env": "production"}
+    # a weight change keeps the catalogue the Router was reloaded with (troupe deploy --reload-characters)
+    router = cfg["applications"][0]["deployments"][1]
+    router["user_config"] = {
+        "canary_weight_percent": 5,
+        "catalogue_uri": "s3://b/c.jsonl",
+        "catalogue_version": "v9",
+    }
+    patch = rayservice_patch(yaml.safe_dump(cfg), "troupe-production", {"canary_weight_percent": 50.0})
+    kept = yaml.safe_load(patch["spec"]["serveConfigV2"])["applications"][0]["deployments"][1]["user_config"]
+    assert kept == {
+        "canary_weight_percent": 50.0,
+        "catalogue_uri": "s3://b/c.jsonl",
+        "catalogue_version": "v9",
+    }
     with pytest.raises(KeyError):
         rayservice_patch(yaml.safe_dump(cfg), "nope", {"canary_weight_percent": 1})
     with pytest.raises(ValueError, match="canary_weight_percent"):  # a unit-less key is refused

@@ -340,12 +340,8 @@ def set_router_config(name: str, user_config: dict[str, Any], wait: bool = True)
         app = current[name]
         deps = [d for d in app.get("deployments", []) if d.get("name") != contract.ROUTER]
         router = next((d for d in app.get("deployments", []) if d.get("name") == contract.ROUTER), {})
-        keep = {
-            k: v
-            for k, v in (router.get("user_config") or {}).items()
-            if k in (contract.CATALOGUE_URI, contract.CATALOGUE_VERSION) and k not in user_config
-        }
-        deps.append({**router, "name": contract.ROUTER, "user_config": {**keep, **user_config}})
+        merged = contract.merged_user_config(router.get("user_config"), user_config)
+        deps.append({**router, "name": contract.ROUTER, "user_config": merged})
         app["deployments"] = deps
         _get_global_client().deploy_apps(
             ServeDeploySchema.model_validate({"applications": list(current.values())})

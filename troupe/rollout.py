@@ -419,7 +419,7 @@ def rayservice_patch(
         if router is None:
             router = {"name": contract.ROUTER}
             deps.append(router)
-        router["user_config"] = dict(user_config)
+        router["user_config"] = contract.merged_user_config(router.get("user_config"), user_config)
     if args is not None:
         new_args = dict(app.get("args") or {})
         for k, v in args.items():

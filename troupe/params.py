@@ -63,6 +63,10 @@ class Paths(_Section):
         "work/eval_base",
         description="the base model's evaluation (troupe evaluate --base-only), reused while items match",
     )
+    catalogue: str = Field(
+        "work/catalogue/characters.jsonl",
+        description="character catalogue (persona cards served; troupe characters build); path or s3:// URI",
+    )
     registry: str = Field("work/registry", description="gate decision")
     deploy: str = Field(
         "work/deploy", description="smoke request/response of the deployed app (rollout state lives in MLflow)"

@@ -71,11 +71,15 @@ class TransformersBackend:
         self.cache = self.gen.cache
         self.engine = DecodeEngine(self.gen, max_batch_size, batch_wait_s=batch_wait_s)
 
-    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> None:
+    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> Any:
         """Queue a request on the decode loop; ``emit`` gets ``("delta", text)``, then
         ``("done", GenResult)`` or ``("error", exc)`` on the loop's thread
-        (:meth:`troupe.generation.DecodeEngine.submit`)."""
-        self.engine.submit(request, emit)
+        (:meth:`troupe.generation.DecodeEngine.submit`); returns a handle for :meth:`cancel`."""
+        return self.engine.submit(request, emit)
+
+    def cancel(self, handle: Any) -> None:
+        """Stop decoding a submitted request (:meth:`troupe.generation.DecodeEngine.cancel`)."""
+        self.engine.cancel(handle)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         """Generate replies (blocking); they join the running batch; results in request order.
@@ -118,16 +122,19 @@ class TransformersBackend:
         ``extra`` ``{"prefix_cached", "batch_size"}``. Raises what generation raised.
         """
         q: queue.SimpleQueue = queue.SimpleQueue()
-        self.engine.submit(request, lambda kind, value: q.put((kind, value)))
-        while True:
-            kind, value = q.get()
-            if kind == "delta":
-                yield StreamDelta(text=value)
-            elif kind == "done":
-                yield final_delta(value)
-                return
-            else:
-                raise value
+        handle = self.engine.submit(request, lambda kind, value: q.put((kind, value)))
+        try:
+            while True:
+                kind, value = q.get()
+                if kind == "delta":
+                    yield StreamDelta(text=value)
+                elif kind == "done":
+                    yield final_delta(value)
+                    return
+                else:
+                    raise value
+        finally:  # the consumer stopped early: free the row
+            self.engine.cancel(handle)
 
     def info(self) -> dict[str, Any]:
         """Prefix-cache stats (None when off) and decode-loop stats."""

@@ -165,8 +165,11 @@ class Model:
             elif kind == "error":
                 fut.set_exception(value)
 
-        self.backend.submit(g, lambda kind, value: loop.call_soon_threadsafe(settle, kind, value))
-        return self._reply(await fut)
+        handle = self.backend.submit(g, lambda kind, value: loop.call_soon_threadsafe(settle, kind, value))
+        try:
+            return self._reply(await fut)
+        finally:  # cancelled (the caller went away): free the row
+            self.backend.cancel(handle)
 
     async def stream(self, req: ModelRequest):
         """Yield :class:`serving.contract.StreamDelta` pieces of one reply as it is decoded.
@@ -191,16 +194,21 @@ class Model:
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.backend.submit(g, lambda kind, value: loop.call_soon_threadsafe(q.put_nowait, (kind, value)))
-        while True:
-            kind, value = await q.get()
-            if kind == "delta":
-                yield StreamDelta(text=value, model_version=self.version)
-            elif kind == "done":
-                yield final_delta(value, self.version)
-                return
-            else:
-                raise value
+        handle = self.backend.submit(
+            g, lambda kind, value: loop.call_soon_threadsafe(q.put_nowait, (kind, value))
+        )
+        try:
+            while True:
+                kind, value = await q.get()
+                if kind == "delta":
+                    yield StreamDelta(text=value, model_version=self.version)
+                elif kind == "done":
+                    yield final_delta(value, self.version)
+                    return
+                else:
+                    raise value
+        finally:  # the client went away mid-stream: free the row
+            self.backend.cancel(handle)
 
     async def ttft_ms(self, req: ModelRequest) -> dict[str, Any]:
         """Time to first token (ms) and whether the persona-card prefix came from the KV cache."""

@@ -477,6 +477,7 @@ class _Row:
     shown: str = ""
     batch_size: int = 1
     result: GenResult | None = None
+    cancelled: bool = False
 
     @property
     def stop(self) -> list[str]:
@@ -573,8 +574,8 @@ class DecodeEngine:
             self._closed = True
             self._cond.notify_all()
 
-    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> None:
-        """Queue one request for the background loop.
+    def submit(self, request: GenRequest, emit: Callable[[str, Any], None]) -> _Row:
+        """Queue one request for the background loop; returns its handle for :meth:`cancel`.
 
         ``emit(kind, value)`` is called on the loop's thread: ``("delta", text)`` for each new piece of
         visible text, then ``("done", GenResult)``, or ``("error", exception)``. It must not block.
@@ -590,6 +591,13 @@ class DecodeEngine:
             self._waiting.append(row)
             self._cond.notify_all()
         self.start()
+        return row
+
+    def cancel(self, row: _Row) -> None:
+        """Stop decoding a submitted request (its client went away): it leaves the batch at the next
+        step and emits nothing more."""
+        row.cancelled = True
+        row.emit = None
 
     def _loop(self) -> None:
         while True:
@@ -608,7 +616,9 @@ class DecodeEngine:
                         self._cond.wait(left)
                 new = []
                 while self._waiting and len(self.rows) + len(new) < self.max_batch_size:
-                    new.append(self._waiting.popleft())
+                    r = self._waiting.popleft()
+                    if not r.cancelled:
+                        new.append(r)
             try:
                 self.step(new)
             except BaseException as e:  # every row of this batch fails; the loop goes on
@@ -759,23 +769,29 @@ class DecodeEngine:
         self.largest_batch = max(self.largest_batch, len(self.rows))
 
     def _sample(self, logits, rows: list[_Row]) -> list[int]:
-        """One token a row from its last logits ``[rows, vocab]``."""
+        """One token a row from its last logits ``[rows, vocab]``: argmax for greedy rows; for sampled
+        rows temperature, then top-p (Hugging Face's ``TopPLogitsWarper``: the lowest-probability
+        tokens whose mass is at most ``1 - top_p`` are dropped, the top token always kept), then a
+        draw from the row's generator."""
         import torch
 
         logits = logits.float()
         out = logits.argmax(-1).tolist()
-        for i, r in enumerate(rows):
-            if r.req.temperature <= 0:
-                continue
-            scores = logits[i] / r.req.temperature
-            if r.req.top_p < 1.0:  # Hugging Face's TopPLogitsWarper: drop the low tail of mass 1 - top_p
-                srt, idx = torch.sort(scores, descending=False)
-                cum = srt.softmax(-1).cumsum(-1)
-                drop = cum <= (1 - r.req.top_p)
-                drop[-1] = False
-                scores = scores.scatter(0, idx[drop], float("-inf"))
-            probs = scores.softmax(-1)
-            out[i] = int(torch.multinomial(probs, 1, generator=r.gen).item())
+        idx = [i for i, r in enumerate(rows) if r.req.temperature > 0]
+        if not idx:
+            return out
+        temps = torch.tensor([rows[i].req.temperature for i in idx], dtype=logits.dtype)
+        scores = logits[idx] / temps[:, None]
+        top_p = torch.tensor([rows[i].req.top_p for i in idx], dtype=logits.dtype)
+        if bool((top_p < 1.0).any()):
+            srt, order = torch.sort(scores, dim=-1, descending=False)
+            cum = srt.softmax(-1).cumsum(-1)
+            drop = cum <= (1 - top_p)[:, None]
+            drop[:, -1] = False
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        probs = scores.softmax(-1)
+        for j, i in enumerate(idx):
+            out[i] = int(torch.multinomial(probs[j], 1, generator=rows[i].gen).item())
         return out
 
     def _advance(self, rows: list[_Row], tokens: list[int]) -> None:
@@ -786,7 +802,7 @@ class DecodeEngine:
             stop = r.stop
             text, hit = cut_at_stop(_decode(self.tok, r.ids), stop) if stop else (None, False)
             end = hit or (self.eos is not None and t == self.eos) or len(r.ids) >= r.req.max_new_tokens
-            if end:
+            if end or r.cancelled:
                 self._finish(r)
                 finished.append(r)
             elif r.emit is not None:

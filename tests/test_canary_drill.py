@@ -109,7 +109,15 @@ def deploy(w, canary_model: dict) -> None:
     from troupe.deploy import apply_apps
 
     app = make_app(
-        ENV, w["chars"], uri(1), f"/{ENV}", mlflow_tracking_uri=w["tracking"], canary_model=canary_model
+        ENV,
+        w["chars"],
+        uri(1),
+        f"/{ENV}",
+        mlflow_tracking_uri=w["tracking"],
+        canary_model=canary_model,
+        # the drill is a load generator from one client: production's per-client rate limit would
+        # turn its traffic into 429s (rate limits are tested in tests/test_roleplay_api.py)
+        gateway={"limits": {"requests_per_minute": 0}},
     )
     app["deployments"][0]["num_replicas"] = 2
     apply_apps([app], "127.0.0.1", w["port"], timeout_s=240)

@@ -17,7 +17,9 @@ TTFT = from the request until its first visible text (a stream's first delta) in
 first token (a 1-token request) in (b). Each figure is the median over ``--repeats`` runs, with the
 spread (min-max) across runs. Models: ``tiny`` = the random test model (fast smoke run),
 ``smollm2`` = SmolLM2-135M prepared under work/ (``troupe.modeling.prepare_base``; the first
-``work/**/troupe_base.json`` naming it), or a checkpoint dir. Run it alone: it uses all cores.
+``work/**/troupe_base.json`` naming it), or a checkpoint dir. ``--threads``: torch threads (default 1, what a ``num_cpus: 1`` replica runs with; with 2 threads on a
+busy 2-core machine an OpenMP barrier waits for a descheduled worker and single decode steps took up
+to 30x longer). Run it alone.
 """
 
 from __future__ import annotations
@@ -256,8 +258,16 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=32, help="tokens per stream in (a)")
     ap.add_argument("--card-tokens", type=int, default=1150)
     ap.add_argument("--only", choices=("a", "b"), default=None)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (a num_cpus: 1 replica gets 1: Ray sets OMP_NUM_THREADS from num_cpus)",
+    )
     a = ap.parse_args()
     import torch
+
+    torch.set_num_threads(a.threads)
 
     path, label = model_dir(a.model)
     print(

@@ -126,7 +126,8 @@ class Served:
             "accelerator": "cpu",
             "app": {
                 "mlflowTrackingUri": self.mlflow.uri,  # stands in for troupe-mlflow.troupe-prod.svc...
-                "gateway": {"numReplicas": 1, "numCpus": 0.5},  # sized for a 2-CPU worker node
+                # sized for a 2-CPU worker node; the tests' one client would hit the per-client rate limit
+                "gateway": {"numReplicas": 1, "numCpus": 0.5, "requestsPerMinute": 0},
                 "model": {"numReplicas": 1, "numCpus": 0.5},
                 **(app_values or {}),
             },

@@ -62,7 +62,17 @@ def test_http_split_and_weight_changes_without_failures(tmp_path):
     start_cluster(port)
     try:
         apply_apps(
-            [make_app("production", characters_file(tmp_path), model, "/production", canary, 30.0)],
+            [
+                make_app(
+                    "production",
+                    characters_file(tmp_path),
+                    model,
+                    "/production",
+                    canary,
+                    30.0,
+                    gateway={"limits": {"requests_per_minute": 0}},  # one client, hundreds of requests
+                )
+            ],
             "127.0.0.1",
             port,
             timeout_s=240,

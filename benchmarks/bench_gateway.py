@@ -25,18 +25,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 
+from serving.contract import ModelRequest  # noqa: E402
+
 CHAR = {"id": "bob", "name": "Bob", "language": "en", "profile": {"job": "sailor"}, "examples": ["Ahoy!"]}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Direct:
-    """Forwards the posted model payload to the Model deployment, nothing else."""
+    """Forwards the posted ModelRequest fields to the Model deployment, nothing else."""
 
     def __init__(self, model) -> None:
         self.model = model
 
     async def __call__(self, request: Request) -> dict:
-        return await self.model.generate.remote(json.loads(await request.body()))
+        body = json.loads(await request.body())
+        req = ModelRequest(**{**body, "stop": tuple(body.get("stop") or ())})
+        return (await self.model.generate.remote(req)).to_dict()
 
 
 async def _load(url: str, body: dict, n: int, conc: int, headers: dict) -> tuple[list[float], float]:

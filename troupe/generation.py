@@ -1,14 +1,20 @@
-"""Batched text generation with a local HF checkpoint (CPU or one device).
+"""Text generation with a local HF checkpoint (CPU or one device): one implementation for
+evaluation, DPO pair building and serving.
 
-Two generators, both used by evaluation, DPO pair building and serving:
-
-* :class:`PrefixGenerator`, the one implementation of persona-card prefix reuse: the rendered card
-  (the system turn every turn of a character shares, :func:`troupe.persona.render_system_prompt`)
-  is prefilled once per character and its KV cache kept in a byte-bounded LRU (:class:`PrefixCache`);
-  each batch of that character's prompts then prefills only the conversation suffixes. Rows are laid
-  out ``[card prefix][left padding][suffix]`` so the cached prefix keeps its positions in every row;
-  position ids follow the attention mask, so padding in the middle is skipped. The serving backend
-  (:class:`serving.backend.TransformersBackend`) wraps it; evaluation calls it directly.
+* :class:`PrefixGenerator` renders prompts (the one place chat templates are applied and tokenized:
+  client text goes through :func:`neutralise_special_tokens` there) and keeps the persona-card prefix
+  reuse: the rendered card (the system turn every turn of a character shares,
+  :func:`troupe.persona.render_system_prompt`) is prefilled once per character and its KV kept in an
+  LRU bounded in tokens and/or bytes (:class:`PrefixCache`); requests then prefill only their
+  conversation suffixes.
+* :class:`DecodeEngine` decodes with continuous batching: requests join and leave one padded batch
+  at token steps (rows ``[pad][card KV][pad][suffix][generated]``, position ids following the
+  attention mask, so padding anywhere is skipped), each row with its own sampling settings, seed and
+  stop strings. :meth:`PrefixGenerator.generate` runs it on the calling thread (evaluation, pairs);
+  the serving backend (:class:`serving.backend.TransformersBackend`) runs it on a background thread
+  shared by streamed and whole replies.
+* :func:`visible_text` / :func:`finish_reply`: the one rule for what text a reply shows (no half
+  UTF-8 character, no stop string), for streams and whole replies alike.
 * :func:`generate`, plain ``model.generate`` over left-padded batches of whole prompts (the baseline
   of ``benchmarks/bench_generate.py``).
 """

@@ -292,19 +292,20 @@ class PrefixCache:
 
     def stats(self) -> dict[str, Any]:
         """Entries, cached tokens and bytes with their bounds, bytes per token, hits/misses/evictions
-        and the keys from least to most recently used."""
-        return {
-            "entries": len(self._items),
-            "tokens": self.ntokens,
-            "max_tokens": self.max_tokens,
-            "bytes": self.nbytes,
-            "max_bytes": self.max_bytes,
-            "bytes_per_token": self.bytes_per_token,
-            "hits": self.hits,
-            "misses": self.misses,
-            "evictions": self.evictions,
-            "keys": self.keys(),
-        }
+        and the keys from least to most recently used (safe to call from another thread)."""
+        with self._lock:
+            return {
+                "entries": len(self._items),
+                "tokens": self.ntokens,
+                "max_tokens": self.max_tokens,
+                "bytes": self.nbytes,
+                "max_bytes": self.max_bytes,
+                "bytes_per_token": self.bytes_per_token,
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self.evictions,
+                "keys": list(self._items),
+            }
 
 
 def cache_nbytes(cache: Any) -> int:

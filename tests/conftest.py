@@ -27,19 +27,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return prepare_base("tiny-random", tmp_path_factory.mktemp("tiny_model"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _no_stale_ray_handles():
-    """After each test module, collect garbage while no Ray session is attached (see
-    :func:`tests.serve_fixtures.forget_stale_handles`: a stale actor handle freed during a later
-    local session drops a reference to that session's actor of the same id)."""
-    yield
-    ray = sys.modules.get("ray")
-    if ray is not None and not ray.is_initialized():
-        import gc
-
-        gc.collect()
-
-
 _HANDED_OUT: set[int] = set()
 
 

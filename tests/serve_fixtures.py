@@ -51,7 +51,6 @@ def start_cluster(port: int) -> None:
     import ray
     from ray import serve
 
-    forget_stale_handles()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
@@ -64,23 +63,6 @@ def stop_cluster() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
-        forget_stale_handles()
-
-
-def forget_stale_handles() -> None:
-    """Collect garbage while no Ray session is attached to this process.
-
-    Actor ids are derived from the job id and the driver's task counter, so every fresh local
-    session of one pytest process (job ``01000000`` each time) hands out the same actor ids in
-    the same order. A handle left from an earlier session in a reference cycle (Serve's client and
-    router objects hold several) that the garbage collector frees *during* a later session drops a
-    reference to that session's actor of the same id: Ray then cancels the new actor ("all
-    references to the actor were removed ... never ran"), or a handle call waits forever. Seen in
-    CI as a hung ``info()`` call and a cancelled Ray Train controller (2026-11-25).
-    """
-    import gc
-
-    gc.collect()
 
 
 def make_app(

@@ -1137,6 +1137,24 @@ class Router:
             yield _sse_data(self._internal_error(e, "chat stream"))
         yield _sse_data("[DONE]")
 
+    @api.get(contract.ENGINE_ENDPOINT)
+    async def engine(self, request: Request):
+        """``{variant: replica state}`` of the stable (and canary) model: ``Model.info()`` of the
+        replica the handle picks (one of ``num_replicas``); vLLM variants report their version label."""
+        try:
+            check_api_key(dict(request.headers), self.keys, self.require_key)
+        except GatewayError as e:
+            return self._error(e)
+        out: dict[str, Any] = {}
+        for variant, handle in self.handles.items():
+            if handle is None:
+                continue
+            if self.vllm:
+                out[variant] = {"backend": "vllm", "model_version": self.labels[variant]}
+            else:
+                out[variant] = await handle.info.remote()
+        return out
+
     @api.get("/v1/rollout/stats")
     async def rollout_stats(self, request: Request, since: float = 0.0):
         """Per-variant counters since ``since`` (unix seconds): requests, errors, rates, latency p50/p95."""

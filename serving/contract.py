@@ -72,6 +72,10 @@ CATALOGUE_URI_TAG = "troupe.catalogue_uri"
 RAY_NAMESPACE = "troupe"
 SERVE_CONFIG_LOCK = "troupe-serve-config-lock"
 STATS_ENDPOINT = "/v1/rollout/stats"
+#: ``GET <prefix>/v1/engine`` (API key): each model variant's replica state as the Router's handle
+#: reaches it (``serving.model.Model.info``: replica id, version, prefix cache, decode engine, the
+#: last prompt's message and role-marker counts; for vLLM only the version label).
+ENGINE_ENDPOINT = "/v1/engine"
 
 #: Serving environments (``configs/serving/<env>.yaml``, chart value ``environment``).
 ENVS = ("test", "production")

@@ -216,7 +216,7 @@ class Model:
         return {"ttft_ms": ms, "prefix_cached": cached}
 
     def info(self) -> dict[str, Any]:
-        """Model dir, version label, requests served, ``prefix_cache`` (entries, tokens, bytes, their
+        """Replica id, model dir, version label, requests served, ``prefix_cache`` (entries, tokens, bytes, their
         bounds, bytes per token, hits/misses/evictions, keys LRU first; None when off), ``engine``
         (decode steps, running/waiting rows, largest batch, recent batch sizes) and ``last_prompt``.
 
@@ -227,6 +227,7 @@ class Model:
         (:func:`troupe.generation.neutralise_special_tokens`), so the two counts are equal.
         """
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,  # changes when restarted
             "model_dir": str(self.dir),
             "model_version": self.version,
             "calls": self.calls,

@@ -348,3 +348,26 @@ def test_checkov_dockerfiles() -> None:
     for name in ("cpu", "cuda", "ascend"):
         text = (ROOT / "docker" / f"Dockerfile.{name}").read_text()
         assert "USER 10001" in text and ":latest" not in text
+
+
+def test_catalogue_and_rate_limit_values_reach_the_app() -> None:
+    """``app.catalogueUri`` and ``app.gateway.requestsPerMinute``/``burst`` arrive as the args the app
+    reads (``catalogue_uri``, ``gateway.limits``), accepted by ``check_args``."""
+    from serving import contract
+    from serving.app import check_args
+    from serving.gateway import Limits
+
+    over = {"app": {"catalogueUri": "s3://troupe-prod/catalogue/characters.jsonl"}}
+    over["app"]["gateway"] = {"requestsPerMinute": 30, "burst": 3}
+    vals = merge_values(install_values("troupe-serving", "prod", "nvidia"), over)
+    (rs,) = [d for d in render("troupe-serving", vals) if d["kind"] == "RayService"]
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    check_args(app["args"])
+    assert app["args"][contract.CATALOGUE_URI] == "s3://troupe-prod/catalogue/characters.jsonl"
+    limits = Limits.from_dict(app["args"]["gateway"]["limits"])
+    assert (limits.requests_per_minute, limits.burst) == (30, 3)
+    default = [d for d in render("troupe-serving", install_values("troupe-serving", "prod", "nvidia"))]
+    (rs,) = [d for d in default if d["kind"] == "RayService"]
+    assert (
+        contract.CATALOGUE_URI not in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    )

@@ -313,3 +313,57 @@ def test_deploy_patches_the_rayservice_with_a_pinned_version(served, mlflow_serv
     assert deployed["deployed_app_config"]["args"][contract.STABLE_MODEL_URI] == contract.model_version_uri(
         NAME, 1
     )
+
+
+def test_a_card_imported_to_s3_is_served_after_one_reload(served, s3, monkeypatch):
+    """A committed Character Card V2 PNG imported into an ``s3://`` catalogue (``troupe characters
+    import``), then ``troupe deploy --env production --rayservice troupe-serving --catalogue s3://...
+    --reload-characters`` against the Kubernetes API stand-in, KubeRay's part (PUT to Serve) run on
+    the box: only the Router's ``user_config`` changes, the Router pods read the catalogue from S3,
+    the new character answers a SillyTavern-shaped request, and the model replica is the same one."""
+    from troupe.characters.catalogue import import_card, load_catalogue, save_catalogue
+    from troupe.contract import Character
+    from troupe.deploy import reload_characters_kubernetes
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    engine = served.url(contract.ENGINE_ENDPOINT)
+    before = httpx.get(engine, headers=auth, timeout=60).json()["stable"]["replica"]
+    uri = s3.uri("catalogues", "production.jsonl")
+    save_catalogue([Character(**c) for c in CHARACTERS], uri)
+    card = Path(contract.__file__).parents[1] / "characters" / "cards" / "wren_calloway.png"
+    wren = import_card(card, uri)
+    assert httpx.get(served.url(f"/v1/models/{wren.id}"), headers=auth, timeout=30).status_code == 404
+
+    deployed = serve_status(served.ray.dashboard_url)[APP]["deployed_app_config"]
+    now = {**served.rayservice, "spec": {**served.rayservice["spec"]}}
+    now["spec"]["serveConfigV2"] = yaml.safe_dump({"applications": [deployed]})
+    api = RayServiceStandIn(now, served.ray.dashboard_url, served.box_options)
+    api.observed = 1  # what the stand-in starts from is what Serve runs
+    uc = reload_characters_kubernetes("production", "troupe-serving", "troupe-prod", uri, 420, api=api)
+    router_uc = next(d for d in deployed["deployments"] if d["name"] == contract.ROUTER).get("user_config")
+    version = load_catalogue(uri).version
+    assert uc == {**(router_uc or {}), contract.CATALOGUE_URI: uri, contract.CATALOGUE_VERSION: version}
+    (patch,) = api.patches
+    (app,) = yaml.safe_load(patch["spec"]["serveConfigV2"])["applications"]
+    assert app["args"] == deployed["args"]  # args unchanged: Serve rebuilds nothing
+
+    body = {  # SillyTavern's Chat Completion request ("Custom (OpenAI-compatible)" source)
+        "model": wren.id,
+        "messages": [
+            {
+                "role": "system",
+                "content": "Write Wren's next reply in a fictional chat between Wren and User.",
+            },
+            {"role": "assistant", "content": wren.greetings[0]},
+            {"role": "user", "content": "Hi Wren, how was your day?"},
+        ],
+        "temperature": 1,
+        "max_tokens": 8,
+        "stream": False,
+        "stop": ["\nUser:"],
+        "seed": 7,
+    }
+    r = httpx.post(served.url("/v1/chat/completions"), json=body, headers=auth, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == wren.id and isinstance(r.json()["choices"][0]["message"]["content"], str)
+    assert httpx.get(engine, headers=auth, timeout=60).json()["stable"]["replica"] == before

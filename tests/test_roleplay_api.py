@@ -129,18 +129,15 @@ def _sse(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _model_info(app: str) -> dict:
-    from ray import serve
+def _engine(apps: dict, env: str = "test") -> dict:
+    """The stable model replica's state over HTTP (``GET /v1/engine``, the Router's own handle), not
+    a Serve handle from this process: in CI such a driver-side handle call hung after earlier tests'
+    Ray sessions (2026-11-25)."""
+    from serving import contract
 
-    return serve.get_deployment_handle("stable", app).info.remote().result(timeout_s=60)
-
-
-def _replica_actors(app: str) -> set[str]:
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    deps = details["applications"][app]["deployments"]
-    return {r["actor_id"] for r in deps["stable"]["replicas"]}
+    r = httpx.get(f"{apps['base']}/{env}{contract.ENGINE_ENDPOINT}", headers=AUTH, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["stable"]
 
 
 # -- OpenAI clients -------------------------------------------------------------------------------
@@ -210,7 +207,7 @@ def test_sillytavern_request_shapes(apps):
     assert r1.status_code == 200, r1.text
     r2 = httpx.post(base, json=body, headers=AUTH, timeout=120)
     assert r2.json()["choices"][0]["message"]["content"] == r1.json()["choices"][0]["message"]["content"]
-    info = _model_info("troupe-test")["last_prompt"]
+    info = _engine(apps)["last_prompt"]
     # card + 3 leading notes + user, assistant, note, user (the opening greeting is dropped)
     assert info["messages"] == 8
     cont = {**body, "messages": [*msgs, {"role": "assistant", "content": "I am mending"}]}
@@ -278,7 +275,7 @@ def test_characters_greetings_and_lore(apps):
         timeout=120,
     )
     assert r.status_code == 200, r.text
-    lp = _model_info("troupe-test")["last_prompt"]
+    lp = _engine(apps)["last_prompt"]
     assert lp["messages"] == 4  # card, lore entry, user turn, post-history instructions
     missing = httpx.get(f"{base}/characters/nobody", headers=AUTH, timeout=30)
     assert missing.status_code == 404 and "/v1/characters" in missing.json()["error"]["message"]
@@ -289,7 +286,7 @@ def test_catalogue_reload_without_restarting_the_model(apps):
     from troupe.deploy import reload_characters
 
     base = f"{apps['base']}/test/v1"
-    before = _replica_actors("troupe-test")
+    before = _engine(apps)["replica"]
     new = {"id": "alice", "name": "Alice", "language": "en", "profile": {}, "style": "", "examples": []}
     assert httpx.get(f"{base}/models/alice", headers=AUTH, timeout=30).status_code == 404
     _write_catalogue(apps["catalogue"], [*CHARACTERS, GREETER, new])
@@ -303,7 +300,7 @@ def test_catalogue_reload_without_restarting_the_model(apps):
     assert r.status_code == 200, r.text
     health = httpx.get(f"{apps['base']}/test/healthz", timeout=30).json()
     assert health["catalogue"]["version"] == uc[contract.CATALOGUE_VERSION]
-    assert _replica_actors("troupe-test") == before  # same model replica actor: not restarted
+    assert _engine(apps)["replica"] == before  # same model replica actor: not restarted
 
 
 # -- safety ---------------------------------------------------------------------------------------
@@ -318,7 +315,7 @@ def test_injected_role_markers_never_reach_the_model(apps):
         timeout=120,
     )
     assert r.status_code == 200, r.text
-    lp = _model_info("troupe-test")["last_prompt"]
+    lp = _engine(apps)["last_prompt"]
     assert lp["messages"] == 2 and lp["role_markers"] == lp["expected_role_markers"]
 
 

@@ -172,6 +172,42 @@ def reload_characters(name: str, catalogue_uri: str, wait: bool = True) -> dict[
     return uc
 
 
+def reload_characters_kubernetes(
+    env: str, rayservice: str, namespace: str, catalogue_uri: str, timeout_s: float = 900, api: Any = None
+) -> dict[str, Any]:
+    """:func:`reload_characters` for the RayService the serving chart installed: one patch of the
+    application's Router ``user_config`` in ``spec.serveConfigV2`` (canary keys kept), which KubeRay
+    applies in place (Serve reconfigures the Router replicas; model replicas keep running). Waits
+    until KubeRay reports the application RUNNING for the new generation.
+
+    Args:
+        catalogue_uri: the catalogue the Router pods read, an ``s3://`` URI (a local path exists
+            only on this machine).
+        api: a ``CustomObjectsApi`` or a stand-in (see :class:`troupe.rollout.KubeTarget`).
+
+    Returns:
+        The new Router ``user_config``.
+
+    Raises:
+        click.UsageError: a local catalogue path; CatalogueError / StorageError: bad catalogue;
+        RuntimeError: KubeRay reports the application failed or not RUNNING in ``timeout_s``.
+    """
+    from troupe.rollout import KubeTarget
+
+    if "://" not in str(catalogue_uri):
+        raise click.UsageError(
+            f"--catalogue {catalogue_uri}: a RayService's Router pods cannot read a local path; upload "
+            "the catalogue (troupe characters import --catalogue s3://...) and pass its s3:// URI"
+        )
+    target = KubeTarget(rayservice, namespace, contract.app_name(env), "", api=api)
+    router = next(
+        (d for d in target.serve_app().get("deployments", []) if d.get("name") == contract.ROUTER), {}
+    )
+    uc = {**(router.get("user_config") or {}), **catalogue_user_config(catalogue_uri)}
+    target.wait_running(target.patch(user_config=uc), timeout_s)
+    return uc
+
+
 def connect(address: str = "auto", num_cpus: int | None = None) -> None:
     """Connect to the local Ray cluster, starting ``ray start --head`` when none is running.
 
@@ -545,9 +581,11 @@ def deploy_cmd(
         if not catalogue_uri:
             raise click.UsageError("--reload-characters needs --catalogue URI")
         if rayservice:
-            raise click.UsageError("--reload-characters works on the local Ray cluster (not --rayservice)")
-        connect(address)
-        uc = reload_characters(app_name(env), catalogue_uri)
+            ns = namespace or _pod_namespace() or f"troupe-{'prod' if env == 'production' else env}"
+            uc = reload_characters_kubernetes(env, rayservice, ns, catalogue_uri, timeout_s)
+        else:
+            connect(address)
+            uc = reload_characters(app_name(env), catalogue_uri)
         click.echo(
             f"[deploy] {app_name(env)} serves {uc[contract.CATALOGUE_URI]} ({uc[contract.CATALOGUE_VERSION]})"
         )

@@ -69,7 +69,8 @@ class Paths(_Section):
     )
     registry: str = Field("work/registry", description="gate decision")
     deploy: str = Field(
-        "work/deploy", description="smoke request/response of the deployed app (rollout state lives in MLflow)"
+        "work/deploy",
+        description="smoke request/response of the deployed app (rollout state lives in MLflow)",
     )
 
 

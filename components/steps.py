@@ -173,6 +173,7 @@ def train_pairs(
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
 def train_dpo(
     params_yaml: str,
+    splits: Input[Dataset],
     pairs: Input[Dataset],
     sft_model: Input[Model],
     dpo_model: Output[Model],
@@ -183,10 +184,11 @@ def train_dpo(
     rayjob_env: str = "prod",
     rayjob_values: list = [],  # noqa: B006 - KFP parameter default
 ):
-    """``troupe train dpo`` in-process, or on Kubernetes as a KubeRay RayJob (inputs/outputs under ``storage_root``)."""
+    """``troupe train dpo`` in-process, or on Kubernetes as a KubeRay RayJob (inputs/outputs under
+    ``storage_root``); the splits carry the persona cards each pair's prompt is rendered with."""
     from components.runtime import train_step_artifacts
 
-    inputs = {"pairs": pairs, "sft_model": sft_model}
+    inputs = {"splits": splits, "pairs": pairs, "sft_model": sft_model}
     train_step_artifacts("dpo", params_yaml, inputs, dpo_model, kubernetes, storage_root, run_id,
                          rayjob_namespace, rayjob_env, rayjob_values)  # fmt: skip
 

@@ -191,7 +191,9 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
         # train pairs and evaluate both read the splits and the base and SFT models
         on_models = {"splits": splits, "base_model": base_model, "sft_model": sft_model}
         pairs = step(steps.train_pairs, "train pairs", heavy=True, **on_models)
-        dpo = train(steps.train_dpo, "train dpo", pairs=pairs.outputs["pairs"], sft_model=sft_model)
+        dpo = train(
+            steps.train_dpo, "train dpo", splits=splits, pairs=pairs.outputs["pairs"], sft_model=sft_model
+        )
         dpo_model = dpo.outputs["dpo_model"]
         ev = step(steps.evaluate, "evaluate", heavy=True, dpo_model=dpo_model, **on_models)
         reg = step(

@@ -294,35 +294,59 @@ def output_dir(location: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_text(location: str | Path) -> str:
-    """The UTF-8 text of the file at ``location`` (StorageError when missing or unreadable)."""
+def read_bytes(location: str | Path) -> bytes:
+    """The bytes of the file at ``location`` (StorageError when missing or unreadable)."""
     if not is_remote(location):
         p = Path(str(location).removeprefix("file://"))
         if not p.is_file():
             raise StorageError(f"{p}: no such file", uri=str(p), reason="missing")
-        return p.read_text(encoding="utf-8")
+        return p.read_bytes()
     fs, path = filesystem(location)
     try:
         with fs.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
+            return f.read()
     except Exception as e:
         raise _classify(str(location), e) from e
 
 
-def write_text(location: str | Path, text: str) -> str:
-    """Write ``text`` (UTF-8) to the file at ``location``, creating parents; returns ``location``."""
+def read_text(location: str | Path) -> str:
+    """The UTF-8 text of the file at ``location`` (StorageError when missing or unreadable)."""
+    return read_bytes(location).decode("utf-8")
+
+
+def write_bytes(location: str | Path, data: bytes) -> str:
+    """Write ``data`` to the file at ``location``, creating parents; returns ``location``.
+
+    Never a half-written file: locally a temporary file in the same directory is synced and renamed
+    over the target (mode 0644); on S3 the object is one PUT, visible only when complete.
+    """
     if not is_remote(location):
         p = Path(str(location).removeprefix("file://"))
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; other users' processes read these files too
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return str(location)
     fs, path = filesystem(location)
     try:
         with fs.open_output_stream(path) as f:
-            f.write(text.encode("utf-8"))
+            f.write(data)
     except Exception as e:
         raise _classify(str(location), e) from e
     return str(location)
+
+
+def write_text(location: str | Path, text: str) -> str:
+    """Write ``text`` (UTF-8) to the file at ``location`` (:func:`write_bytes`); returns ``location``."""
+    return write_bytes(location, text.encode("utf-8"))
 
 
 def list_files(location: str | Path) -> list[str]:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,44 +119,6 @@ def load_catalogue(uri: str, *, missing_ok: bool = False) -> Catalogue:
     return Catalogue(uri, catalogue_version(text), chars)
 
 
-def _write_local_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a catalogue is read by other users' processes too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_bytes(uri: str, data: bytes) -> None:
-    if not storage.is_remote(uri):
-        _write_local_atomic(Path(uri.removeprefix("file://")), data)
-        return
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open_output_stream(path) as f:
-            f.write(data)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises OSError / ArrowException
-        raise storage.StorageError(f"{uri}: cannot be written ({e})", uri=uri) from e
-
-
-def _read_bytes(uri: str) -> bytes:
-    if not storage.is_remote(uri):
-        return Path(uri.removeprefix("file://")).read_bytes()
-    fs, path = storage.filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except Exception as e:  # noqa: BLE001
-        raise storage.StorageError(f"{uri}: cannot be read ({e})", uri=uri, reason="missing") from e
-
-
 def save_catalogue(
     characters: Iterable[Character] | dict[str, Character], uri: str, *, expected_version: str | None = None
 ) -> str:
@@ -183,10 +143,7 @@ def save_catalogue(
             raise CatalogueError(
                 f"{uri}: changed while this import ran (version {now}, read {expected_version}); run it again"
             )
-    if storage.is_remote(uri):
-        storage.write_text(uri, text)
-    else:
-        _write_local_atomic(Path(uri.removeprefix("file://")), text.encode("utf-8"))
+    storage.write_text(uri, text)  # atomic: temp file + rename locally, one PUT on S3
     return catalogue_version(text)
 
 
@@ -200,14 +157,14 @@ def save_avatar(png: bytes, catalogue_uri: str) -> str:
     rel = avatar_path(png)
     loc = storage.join(_dir(str(catalogue_uri)), *rel.split("/"))
     if not storage.exists(loc):
-        _write_bytes(loc, png)
+        storage.write_bytes(loc, png)
     return rel
 
 
 def read_avatar(catalogue: Catalogue, id: str) -> bytes | None:
     """The PNG bytes of character ``id``'s card image, None when it has none."""
     loc = catalogue.avatar_uri(id)
-    return _read_bytes(loc) if loc else None
+    return storage.read_bytes(loc) if loc else None
 
 
 # --------------------------------------------------------------------------------------- validation

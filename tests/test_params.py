@@ -95,7 +95,7 @@ def test_every_field_has_a_description() -> None:
         ("sft.max_step=3", "unknown key sft.max_step (did you mean sft.max_steps?)"),
         ("sfft.max_steps=3", "unknown key sfft (did you mean sft?)"),
         ("train.max_failure=2", "unknown key train.max_failure (did you mean train.max_failures?)"),
-        ("eval.judge.modle=x", "unknown key eval.judge.modle (did you mean eval.judge.model?)"),
+        ("agents.judge.modle=x", "unknown key agents.judge.modle (did you mean agents.judge.model?)"),
         ("dpo.warmup_ratio=0.1", "unknown key dpo.warmup_ratio"),  # DPO reads no warmup: not silently ignored
         ("sft.max_steps=abc", 'sft.max_steps="abc": Input should be a valid integer'),
         ("sft.max_steps=2.5", "sft.max_steps=2.5: Input should be a valid integer"),

@@ -32,7 +32,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 #: Importer kinds (see troupe.data.importers.KINDS; kept literal here so this module imports nothing heavy).
-SourceKind = Literal["troupe", "sharegpt", "alpaca", "charactereval", "character100", "memotrace"]
+SourceKind = Literal[
+    "troupe", "sharegpt", "alpaca", "charactereval", "character100", "memotrace", "synthetic"
+]
 
 
 class _Section(BaseModel):
@@ -68,6 +70,17 @@ class Paths(_Section):
         description="character catalogue (persona cards served; troupe characters build); path or s3:// URI",
     )
     registry: str = Field("work/registry", description="gate decision")
+    synthetic: str = Field(
+        "work/synthetic",
+        description="troupe data synthesize: conversations.jsonl, failed.jsonl, summary.json (a synthetic source)",
+    )
+    selfplay: str = Field(
+        "work/selfplay",
+        description="self-play evaluation: transcripts, judge scores, metrics.json, report.html",
+    )
+    charactereval: str = Field(
+        "work/charactereval", description="CharacterEval protocol: replies, scores, metrics.json, report.html"
+    )
     deploy: str = Field(
         "work/deploy",
         description="smoke request/response of the deployed app (rollout state lives in MLflow)",
@@ -258,14 +271,109 @@ class DPO(_Section):
     seed: int = Field(17, description="training seed")
 
 
-class Judge(_Section):
-    """Optional LLM judge on an OpenAI-compatible endpoint."""
+class Agent(_Section):
+    """One agent of the dialogue engine, or the judge: any OpenAI-compatible chat endpoint and model
+    (a hosted model, Troupe's own gateway with ``model`` = a character id, or a local server)."""
 
-    endpoint: str = Field("", description="OpenAI-compatible base URL; empty = judge not measured")
-    model: str = Field("", description="judge model name")
+    base_url: str = Field("", description="OpenAI-compatible base URL ending in /v1; empty = not configured")
+    model: str = Field("", description="model name sent with each request (Troupe's gateway: a character id)")
     api_key_env: str = Field(
-        "TROUPE_JUDGE_API_KEY", description="environment variable holding the judge's API key"
+        "TROUPE_AGENT_API_KEY", description="environment variable holding the key (may be unset on loopback)"
     )
+    temperature: float = Field(0.8, ge=0, le=2, description="sampling temperature of every call")
+    max_tokens: int = Field(160, ge=1, description="max completion tokens per call")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    timeout_s: float = Field(60.0, gt=0, description="per-request timeout in seconds")
+    max_retries: int = Field(
+        3, ge=0, description="transport retries with the openai client's backoff (timeouts, 429, 5xx)"
+    )
+    parse_retries: int = Field(2, ge=0, description="extra asks when an answer does not parse (judge, host)")
+    requests_per_minute: int = Field(0, ge=0, description="client-side rate limit; 0 = none")
+    price_input_per_mtok: float = Field(
+        0.0, ge=0, description="USD per million prompt tokens (cost accounting)"
+    )
+    price_output_per_mtok: float = Field(
+        0.0, ge=0, description="USD per million completion tokens (cost accounting)"
+    )
+
+
+def _judge_agent() -> Agent:
+    return Agent(api_key_env="TROUPE_JUDGE_API_KEY", temperature=0.0, max_tokens=400)
+
+
+class Agents(_Section):
+    """Endpoints of the dialogue engine's agents and of the judge (README "Agents and the judge")."""
+
+    user: Agent = Field(default_factory=Agent, description="plays the user from the scenario's user persona")
+    character: Agent = Field(
+        default_factory=Agent, description="plays the character in synthesis (self-play uses the gateways)"
+    )
+    host: Agent = Field(
+        default_factory=lambda: Agent(temperature=0.0, max_tokens=40),
+        description="decides after each exchange whether the scene has ended",
+    )
+    judge: Agent = Field(
+        default_factory=_judge_agent, description="rubric judge; empty base_url = not measured"
+    )
+
+
+class Synthesis(_Section):
+    """Synthesised dialogues (``troupe data synthesize``): a ``synthetic`` import source."""
+
+    enabled: bool = Field(
+        False, description="run synthesis in the pipeline (needs agents.user/character/host)"
+    )
+    scenarios: str = Field("configs/scenarios.yaml", description="seed variables and probes (scenario file)")
+    characters: str = Field(
+        "", description="characters to synthesise for (characters.jsonl); empty = paths.catalogue"
+    )
+    conversations: int = Field(24, ge=1, description="scenarios sampled (one conversation each)")
+    max_turns: int = Field(6, ge=1, description="character turns per conversation at most")
+    probe_share: float = Field(
+        0.5, ge=0, le=1, description="share of scenarios that get one scripted probe at a random user turn"
+    )
+    seed: int = Field(0, description="scenario sampling seed")
+    concurrency: int = Field(4, ge=1, description="conversations played at once")
+    mix_ratio: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="max share of synthetic dialogues in the training split (the rest real); 0 = none",
+    )
+
+
+class SelfPlay(_Section):
+    """Self-play evaluation: candidate and champion play the same scenarios through their gateways."""
+
+    candidate_url: str = Field("", description="candidate gateway base URL (.../v1); empty = not run")
+    champion_url: str = Field("", description="champion gateway base URL (.../v1)")
+    api_key_env: str = Field("TROUPE_API_KEY", description="environment variable of the gateways' API key")
+    conversations: int = Field(16, ge=1, description="scenarios played by each model")
+    max_turns: int = Field(6, ge=1, description="character turns per conversation at most")
+    seed: int = Field(1, description="scenario seed (the same set for both models)")
+    concurrency: int = Field(4, ge=1, description="conversations played at once")
+    bootstrap_resamples: int = Field(2000, ge=100, description="paired bootstrap replicates")
+
+
+class CharacterEvalSuite(_Section):
+    """The CharacterEval protocol (``troupe evaluate --suite charactereval``; Tu et al. 2024, arXiv:2401.01275)."""
+
+    path: str = Field("../shared/data/charactereval", description="directory with test_data.jsonl, "
+                      "character_profiles.json and id2metric.jsonl")  # fmt: skip
+    max_items: int = Field(0, ge=0, description="0 = every test item; else a seeded sample of this many")
+    seed: int = Field(0, description="item sampling seed")
+    model: Literal["base", "sft", "dpo"] = Field("dpo", description="model that generates the next lines")
+    max_new_tokens: int = Field(64, ge=1, description="max tokens of each generated line")
+
+
+class Feedback(_Section):
+    """Human side-by-side preferences and production feedback (``troupe feedback ...``, ``/v1/feedback``)."""
+
+    db_url: str = Field(
+        "sqlite:///work/feedback/feedback.db",
+        description="SQLAlchemy URL of the store: SQLite locally, postgresql+psycopg://... in production",
+    )
+    min_labels_per_item: int = Field(1, ge=1, description="labels an item needs before it is exported")
 
 
 class Eval(_Section):
@@ -287,7 +395,11 @@ class Eval(_Section):
     )
     prefix_cache_mb: int = Field(256, ge=0, description="persona-card KV cache bound in MiB (0 = no reuse)")
     confidence: float = Field(0.95, gt=0, lt=1, description="confidence level of every metric's interval")
-    judge: Judge = Field(default_factory=Judge, description="optional LLM judge")
+    suites: list[Literal["heldout", "charactereval"]] = Field(
+        default_factory=lambda: ["heldout"],
+        description="evaluation suites; charactereval also keeps CharacterEval's characters out of training",
+    )
+    judge: bool = Field(False, description="score held-out replies with the rubric judge (agents.judge)")
 
 
 class Registry(_Section):
@@ -328,6 +440,13 @@ class Params(_Section):
     pairs: Pairs = Field(default_factory=Pairs, description="DPO preference pair generation")
     dpo: DPO = Field(default_factory=DPO, description="direct preference optimisation")
     eval: Eval = Field(default_factory=Eval, description="evaluation")
+    agents: Agents = Field(default_factory=Agents, description="dialogue-engine agents and the judge")
+    synthesis: Synthesis = Field(default_factory=Synthesis, description="synthesised dialogues")
+    selfplay: SelfPlay = Field(default_factory=SelfPlay, description="self-play evaluation")
+    charactereval: CharacterEvalSuite = Field(
+        default_factory=CharacterEvalSuite, description="the CharacterEval protocol suite"
+    )
+    feedback: Feedback = Field(default_factory=Feedback, description="human preferences and user feedback")
     registry: Registry = Field(default_factory=Registry, description="MLflow tracking and registry")
     serve: Serve = Field(default_factory=Serve, description="local Ray Serve deployment")
 

@@ -688,11 +688,34 @@ def _print_table(metrics: dict[str, dict[str, dict[str, Estimate]]]) -> None:
         Console(width=200).print(t)
 
 
+#: ``troupe evaluate --suite``: heldout (this module) | charactereval | selfplay -> ``module:function(params)``.
+SUITES = {
+    "heldout": None,
+    "charactereval": "troupe.dialogue.charactereval:run_suite",
+    "selfplay": "troupe.dialogue.selfplay:run_selfplay",
+}
+
+
 @click.command("evaluate")
 @click.option(
     "--base-only", is_flag=True, help="Evaluate only the base model into paths.eval_base (cached stage)."
 )
+@click.option(
+    "--suite",
+    type=click.Choice(list(SUITES)),
+    default="heldout",
+    show_default=True,
+    help="heldout: held-out dialogues and characters -> paths.eval; charactereval: the CharacterEval "
+    "protocol -> paths.charactereval; selfplay: candidate vs champion gateways -> paths.selfplay.",
+)
 @step_options
-def evaluate_cmd(params: dict, base_only: bool) -> None:
-    """Evaluate models on held-out dialogues and characters -> paths.eval (metrics with intervals, report)."""
-    evaluate(params, base_only=base_only)
+def evaluate_cmd(params: dict, base_only: bool, suite: str) -> None:
+    """Evaluate models: held-out dialogues and characters (default), the CharacterEval protocol, or
+    self-play of the candidate against the champion (metrics with intervals, report)."""
+    if SUITES[suite] is None:
+        evaluate(params, base_only=base_only)
+        return
+    import importlib
+
+    mod, attr = SUITES[suite].split(":")
+    getattr(importlib.import_module(mod), attr)(params)

@@ -445,7 +445,9 @@ def _import_memotrace(src: dict[str, Any], sink: _Sink) -> None:
 _SPEAKER = re.compile(r"^\s*([^：:\n]{1,20}?)\s*[：:]\s*(.*)$", re.S)
 
 
-def charactereval_turns(context: str, role: str) -> tuple[list[Message], list[Message]]:
+def charactereval_turns(
+    context: str, role: str, *, require_reply: bool = True
+) -> tuple[list[Message], list[Message]]:
     """Script lines ``Speaker：line`` -> ``(messages, trailing_user_turns)`` for character ``role``.
 
     The role's lines are assistant turns; every other speaker's line is a user turn with the speaker in
@@ -454,8 +456,13 @@ def charactereval_turns(context: str, role: str) -> tuple[list[Message], list[Me
     role's own become a leading ``system`` scene message; user turns after the role's last line are
     returned separately (the benchmark's prompt for the next reply). Stage directions are kept.
 
+    ``require_reply=False`` (the CharacterEval suite, :mod:`troupe.dialogue.charactereval`, which only
+    needs the prompt for the role's next line) accepts contexts where the role never speaks, or only
+    before anyone else does: ``messages`` then holds no assistant turn (possibly nothing).
+
     Raises:
-        RecordError: the role never speaks in the context, or only before anyone else does.
+        RecordError: (``require_reply`` only) the role never speaks in the context, or only before
+            anyone else does.
     """
     lines: list[tuple[str | None, str]] = []
     for raw in context.split("\n"):
@@ -468,7 +475,7 @@ def charactereval_turns(context: str, role: str) -> tuple[list[Message], list[Me
             lines[-1] = (lines[-1][0], f"{lines[-1][1]}\n{raw.strip()}")
         else:
             lines.append((None, raw.strip()))
-    if not any(s == role for s, _ in lines):
+    if require_reply and not any(s == role for s, _ in lines):
         raise RecordError(f"role {role!r} has no line in the context")
     groups: list[tuple[str, list[tuple[str | None, str]]]] = []
     for spk, text in lines:
@@ -485,13 +492,13 @@ def charactereval_turns(context: str, role: str) -> tuple[list[Message], list[Me
             msgs.append(Message(role="user", content="\n".join(t for _, t in items), name=items[0][0]))
         else:
             msgs.append(Message(role="user", content="\n".join(f"{s}: {t}" if s else t for s, t in items)))
-    if msgs[0].role == "assistant":
+    if msgs and msgs[0].role == "assistant":
         opener = "\n".join(f"{role}：{t}" for _, t in groups[0][1])
         msgs[0] = Message(role="system", content=opener)
     trailing: list[Message] = []
     while msgs and msgs[-1].role == "user":
         trailing.insert(0, msgs.pop())
-    if not any(m.role == "assistant" for m in msgs):
+    if require_reply and not any(m.role == "assistant" for m in msgs):
         raise RecordError(f"role {role!r} speaks only before the first user line (no reply in the context)")
     return msgs, trailing
 
@@ -506,6 +513,16 @@ def charactereval_scene_id(label: str, novel: Any, context: str) -> str:
     """
     first = next((ln for ln in context.split("\n") if ln.strip()), "")
     return f"{label}-scene-{_short_hash(str(novel or '') + chr(0) + ' '.join(first.split()))}"
+
+
+def charactereval_character(role: str, profile: Any, novel: Any = "") -> Character:
+    """The persona card of CharacterEval role ``role``: id ``ce-<slug>``, zh, the Baidu-Baike profile
+    (``character_profiles.json[role]``; not a dict = empty) as string fields, plus ``作品`` = ``novel``
+    when the profile has none."""
+    fields = {str(k): str(v) for k, v in profile.items()} if isinstance(profile, dict) else {}
+    if novel:
+        fields.setdefault("作品", str(novel))
+    return Character(id=f"ce-{slugify(role)}", name=role, language="zh", profile=fields)
 
 
 def _import_charactereval(src: dict[str, Any], sink: _Sink) -> None:
@@ -528,11 +545,8 @@ def _import_charactereval(src: dict[str, Any], sink: _Sink) -> None:
             role = rec["role"].strip()
             cid = f"ce-{slugify(role)}"
             if cid not in made:
-                prof = profiles.get(role)
-                profile = {str(k): str(v) for k, v in prof.items()} if isinstance(prof, dict) else {}
-                if rec.get("novel_name"):
-                    profile.setdefault("作品", str(rec["novel_name"]))
-                sink.character(Character(id=cid, name=role, language="zh", profile=profile), str(pfile), None)
+                card = charactereval_character(role, profiles.get(role), rec.get("novel_name"))
+                sink.character(card, str(pfile), None)
                 made.add(cid)
             msgs, trailing = charactereval_turns(rec["context"], role)
             meta: dict[str, Any] = {

@@ -15,6 +15,8 @@ Endpoints (relative to the route prefix):
     GET  /v1/models[/{id}]      characters served, as OpenAI models
     GET  /v1/characters[/{id}]  card summaries, greetings, catalogue version
     GET  /v1/rollout/stats      per-variant counters for the rollout controller (``?since=unix_s``)
+    POST /v1/feedback           a user's thumbs up/down on a reply -> the preference store
+                                (``feedback_db_url``; :mod:`troupe.feedback.store`)
     GET  /healthz               incl. the catalogue (uri, version)
 
 Safety (``gateway`` section): API keys, per-key token-bucket rate limits (429 + ``Retry-After``),
@@ -104,6 +106,9 @@ DEFAULTS: dict[str, Any] = {
     # character catalogue (local path or s3:// URI, troupe.characters.catalogue); when set it is what
     # the Router serves, and the Router user_config key of the same name reloads it in place
     contract.CATALOGUE_URI: "",
+    # SQLAlchemy URL of the preference store behind POST /v1/feedback (troupe.feedback.store;
+    # params feedback.db_url); "" = the endpoint answers 501 naming this arg
+    contract.FEEDBACK_DB_URL: "",
     "mlflow_tracking_uri": "",
     "model_name": "troupe-roleplay",
     "stable_alias": "champion",
@@ -427,6 +432,8 @@ class Router:
         )
         self.require_key = bool(gw.get("require_api_key", False))
         self.cps = float(gw.get("typing_chars_per_sec", 4.0))
+        self.feedback_db_url = str(cfg.get(contract.FEEDBACK_DB_URL) or "")
+        self._feedback_store: Any = None  # troupe.feedback.store.Store, opened on first use
         self.catalogue: dict[str, Any] = {}
         self._load_characters(str(cfg.get(contract.CATALOGUE_URI) or ""))
         self.router = StickyRouter(contract.check_weight(cfg.get(contract.CANARY_WEIGHT, 0.0)))
@@ -1136,6 +1143,41 @@ class Router:
         except Exception as e:
             yield _sse_data(self._internal_error(e, "chat stream"))
         yield _sse_data("[DONE]")
+
+    @api.post(contract.FEEDBACK_ENDPOINT)
+    async def feedback(self, request: Request):
+        """``{conversation_id, character_id, rating: up|down, message_id? | reply?, regenerated_from?,
+        model_version?, messages?}`` (:func:`serving.contract.parse_feedback`) -> 201 ``{"id"}``,
+        stored in the preference store (the write runs in a worker thread, off the event loop).
+        Errors: 401/429/413 as every POST, 400 naming the field, 404 unknown character, 501 when
+        ``feedback_db_url`` is not set."""
+        import asyncio
+
+        try:
+            data = await self._read_json(request)
+            if not self.feedback_db_url:
+                raise GatewayError(
+                    501,
+                    "feedback_disabled",
+                    f"no preference store configured: set the serving arg {contract.FEEDBACK_DB_URL!r} "
+                    "(params feedback.db_url)",
+                )
+            try:
+                event = contract.parse_feedback(data)
+            except contract.FeedbackFieldError as e:
+                raise GatewayError(400, "invalid_request", str(e), e.field) from None
+            self._character(event.character_id)
+        except GatewayError as e:
+            return self._error(e)
+        try:
+            if self._feedback_store is None:
+                from troupe.feedback.store import Store
+
+                self._feedback_store = await asyncio.to_thread(Store, self.feedback_db_url)
+            row = await asyncio.to_thread(self._feedback_store.add_event, event.to_dict())
+        except Exception as e:
+            return JSONResponse(self._internal_error(e, "feedback store"), status_code=500)
+        return JSONResponse({"id": row, "stored": True}, status_code=201)
 
     @api.get(contract.ENGINE_ENDPOINT)
     async def engine(self, request: Request):

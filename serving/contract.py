@@ -224,3 +224,101 @@ class StreamDelta:
     completion_tokens: int = 0
     model_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- production feedback (``POST <prefix>/v1/feedback``; :mod:`troupe.feedback.store` keeps it) -------
+FEEDBACK_ENDPOINT = "/v1/feedback"
+#: Application arg: SQLAlchemy URL of the preference store (``params.feedback.db_url``; SQLite
+#: locally, PostgreSQL in production). Empty = the endpoint answers 501 naming this arg.
+FEEDBACK_DB_URL = "feedback_db_url"
+FEEDBACK_RATINGS = ("up", "down")
+FEEDBACK_MAX_CONTEXT_MESSAGES = 200
+
+
+@dataclass(frozen=True)
+class FeedbackEvent:
+    """A user's thumbs up/down on one reply, as ``POST /v1/feedback`` takes it.
+
+    Fields:
+        conversation_id: the conversation (``X-Conversation-Id`` of the reply).
+        character_id: the character that replied (a served character id).
+        rating: ``up`` or ``down``.
+        message_id: the client's id of the rated message, when it has one.
+        reply: the rated reply's text (one of ``message_id`` / ``reply`` is required).
+        regenerated_from: message id of the reply this one regenerated (the user asked again).
+        model_version: ``model_version`` of the reply (``/v1/roleplay`` returns it).
+        messages: optional context, ``[{"role", "content"}]`` ending before the rated reply.
+    """
+
+    conversation_id: str
+    character_id: str
+    rating: str
+    message_id: str | None = None
+    reply: str = ""
+    regenerated_from: str | None = None
+    model_version: str = ""
+    messages: list[dict[str, str]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class FeedbackFieldError(ValueError):
+    """A bad ``/v1/feedback`` body; ``field`` names the offending key."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def parse_feedback(data: dict[str, Any]) -> FeedbackEvent:
+    """Validate a ``/v1/feedback`` JSON body into a :class:`FeedbackEvent`.
+
+    Raises:
+        FeedbackFieldError: a missing or ill-typed field, a rating other than up/down, neither
+            ``message_id`` nor ``reply``, unknown keys, or a malformed ``messages`` list.
+    """
+
+    def text(key: str, required: bool = False, limit: int = 200) -> str | None:
+        v = data.get(key)
+        if v is None or v == "":
+            if required:
+                raise FeedbackFieldError(key, "required")
+            return None
+        if not isinstance(v, str):
+            raise FeedbackFieldError(key, f"must be a string, got {type(v).__name__}")
+        if len(v) > limit:
+            raise FeedbackFieldError(key, f"longer than {limit} characters")
+        return v
+
+    known = {f for f in FeedbackEvent.__dataclass_fields__}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise FeedbackFieldError(unknown[0], f"unknown key (known: {sorted(known)})")
+    rating = text("rating", True)
+    if rating not in FEEDBACK_RATINGS:
+        raise FeedbackFieldError("rating", f"{rating!r} is not one of {FEEDBACK_RATINGS}")
+    message_id, reply = text("message_id"), text("reply", limit=20000)
+    if message_id is None and reply is None:
+        raise FeedbackFieldError("message_id", "give message_id or reply (the rated message)")
+    msgs = data.get("messages")
+    if msgs is not None:
+        if not isinstance(msgs, list) or len(msgs) > FEEDBACK_MAX_CONTEXT_MESSAGES:
+            raise FeedbackFieldError("messages", f"must be a list of <= {FEEDBACK_MAX_CONTEXT_MESSAGES}")
+        for i, m in enumerate(msgs):
+            ok = isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            if not ok or not isinstance(m.get("content"), str):
+                raise FeedbackFieldError(
+                    f"messages.{i}", "must be {role: system|user|assistant, content: str}"
+                )
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return FeedbackEvent(
+        conversation_id=text("conversation_id", True) or "",
+        character_id=text("character_id", True) or "",
+        rating=rating,
+        message_id=message_id,
+        reply=reply or "",
+        regenerated_from=text("regenerated_from"),
+        model_version=text("model_version") or "",
+        messages=msgs,
+    )

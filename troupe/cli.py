@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "pipeline": "troupe.pipeline:pipeline_cli",
     "rayjob": "troupe.kube.cli:rayjob_cli",
     "params": "troupe.params:params_cli",
+    "feedback": "troupe.feedback.cli:feedback",
 }
 
 

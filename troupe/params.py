@@ -371,9 +371,19 @@ class Feedback(_Section):
 
     db_url: str = Field(
         "sqlite:///work/feedback/feedback.db",
-        description="SQLAlchemy URL of the store: SQLite locally, postgresql+psycopg://... in production",
+        description="SQLAlchemy URL of the store: SQLite locally, postgresql+psycopg2://... in production",
     )
     min_labels_per_item: int = Field(1, ge=1, description="labels an item needs before it is exported")
+    seed: int = Field(0, description="seed of the per-(item, annotator) random order of the two replies")
+    export_dir: str = Field(
+        "work/feedback/export",
+        description="troupe feedback export: pairs.jsonl, quarantine.jsonl, labels.jsonl, agreement.json",
+    )
+    pairs: str = Field(
+        "",
+        description="human preference pairs (path or URI of a pairs.jsonl, e.g. work/feedback/export/pairs.jsonl) "
+        "troupe train dpo adds to paths.pairs; empty = none",
+    )
 
 
 class Eval(_Section):

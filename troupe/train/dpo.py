@@ -3,7 +3,8 @@
 Loss: DPO (Rafailov et al. 2023, arXiv:2305.18290) with ``dpo.beta``; the reference model is the
 SFT model itself (TRL builds it when ``ref_model`` is None, ZeRO-3 aware). Pairs come from
 ``troupe train pairs`` in TRL's conversational preference format: ``prompt`` = persona card +
-context messages, ``chosen`` / ``rejected`` = one assistant message each.
+context messages, ``chosen`` / ``rejected`` = one assistant message each. People's side-by-side
+preferences (``troupe feedback export``) join them when ``feedback.pairs`` names their file.
 """
 
 from __future__ import annotations
@@ -11,24 +12,44 @@ from __future__ import annotations
 from typing import Any
 
 from troupe.config import ConfigError, section
-from troupe.contract import load_characters
+from troupe.contract import PreferencePair, load_characters, read_jsonl
+
+
+def human_pairs(params: dict[str, Any]) -> list[PreferencePair]:
+    """The human preference pairs named by ``feedback.pairs`` (``troupe feedback export``'s
+    ``pairs.jsonl``, a path or URI); none when the setting is empty or absent."""
+    from troupe import storage
+
+    uri = str((params.get("feedback") or {}).get("pairs") or "")
+    if not uri:
+        return []
+    return read_jsonl(storage.local_copy(uri, what="feedback.pairs"), PreferencePair)
 
 
 def build_dpo_examples(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Conversational preference examples from ``paths.pairs/pairs.jsonl``."""
+    """Conversational preference examples from ``paths.pairs/pairs.jsonl`` plus the human pairs of
+    ``feedback.pairs`` (:func:`human_pairs`), generated pairs first.
+
+    Raises:
+        ConfigError: a pair's character has no persona card in ``paths.splits`` (names pair and character).
+    """
     from troupe import storage
     from troupe.train.encoding import chat_messages
     from troupe.train.pairs import load_pairs
 
     paths = section(params, "paths")
     chars = load_characters(storage.local_copy(paths["splits"], what="paths.splits") / "characters.jsonl")
+    pairs = load_pairs(storage.local_copy(paths["pairs"], what="paths.pairs")) + human_pairs(params)
+    for p in pairs:
+        if p.character_id not in chars:
+            raise ConfigError(f"pair {p.id}: character {p.character_id!r} has no card in {paths['splits']}")
     return [
         {
             "prompt": chat_messages(p.messages, chars[p.character_id]),
             "chosen": [{"role": "assistant", "content": p.chosen}],
             "rejected": [{"role": "assistant", "content": p.rejected}],
         }
-        for p in load_pairs(storage.local_copy(paths["pairs"], what="paths.pairs"))
+        for p in pairs
     ]
 
 
@@ -99,13 +120,15 @@ def train_dpo(params: dict[str, Any]) -> str:
     examples = build_dpo_examples(params)
     if not examples:
         raise ConfigError(f"{paths['pairs']}/pairs.jsonl: no preference pairs")
-    print(f"[dpo] {len(examples)} pairs, policy/reference {paths['sft_model']}", flush=True)
+    human = len(human_pairs(params))
+    counts = {"pairs": len(examples), **({"human_pairs": human} if human else {})}
+    print(f"[dpo] {len(examples)} pairs ({human} human), policy/reference {paths['sft_model']}", flush=True)
     return run_training_step(
         params,
         "dpo",
         examples,
         str(paths["sft_model"]),
         str(paths["dpo_model"]),
-        {"pairs": len(examples)},
+        counts,
         base_model_setting="paths.sft_model",
     )

@@ -128,7 +128,8 @@ class AgentClient:
 
         Args:
             messages: OpenAI chat messages (``role``/``content``).
-            overrides: per-call ``temperature``, ``max_tokens``, ``top_p``, ``seed``, ``stop``, ``extra_body``.
+            overrides: per-call ``temperature``, ``max_tokens``, ``top_p``, ``seed``, ``stop``, ``extra_body``,
+                ``model`` (e.g. one character id of a gateway agent whose ``model`` is a template).
 
         Raises:
             EndpointFailed: the call failed after the transport retries (timeout, 429, 5xx, refused).
@@ -136,6 +137,7 @@ class AgentClient:
         import openai
 
         body = {**self.extra_body, **overrides.pop("extra_body", {})}
+        model = overrides.pop("model", self.model)
         kw = {
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
@@ -147,7 +149,7 @@ class AgentClient:
         t0 = time.perf_counter()
         try:
             raw = await self._client.chat.completions.with_raw_response.create(
-                model=self.model, messages=messages, extra_body=body or None, **kw
+                model=model, messages=messages, extra_body=body or None, **kw
             )
         except openai.APIStatusError as e:
             self.usage.calls += 1

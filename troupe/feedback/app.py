@@ -123,7 +123,7 @@ def build_app(store: Store, title: str = "Troupe: which reply is better?") -> An
             left = store.counts()["items"]
             return [
                 {"item_id": item.item_id, "annotator": name},
-                f"**{html.escape(item.character_name)}** ({item.language}) · {left} items in the queue",
+                f"**{html.escape(item.character_name)}** ({item.language}) · {left} items in the store",
                 _chat(item),
                 item.reply_a,
                 item.reply_b,

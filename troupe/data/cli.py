@@ -31,9 +31,11 @@ def data() -> None:
 @step_options
 def import_cmd(params: dict) -> None:
     """Import the sources of data.source_sets[data.source_set] into paths.imported (contract JSONL + import_errors.jsonl + import_report.json)."""
-    from troupe.data.importers import import_sources, selected_sources, write_import
+    from troupe.data.importers import import_sources, selected_sources, synthetic_source, write_import
 
     sources = selected_sources(params)
+    if (syn := synthetic_source(params)) is not None:  # synthesis.enabled: its output joins the import
+        sources = [*sources, syn]
     result = import_sources(sources, ".", log=lambda m: click.echo(m, err=True))
     out = path_of(params, "imported")
     report = write_import(result, out)
@@ -48,6 +50,28 @@ def import_cmd(params: dict) -> None:
     if result.errors:
         click.echo(
             f"{len(result.errors)} record(s) not imported: see {out / 'import_errors.jsonl'}", err=True
+        )
+
+
+@data.command("synthesize")
+@step_options
+def synthesize_cmd(params: dict) -> None:
+    """Play synthesis.conversations scenarios with agents.user/character/host into paths.synthetic (a synthetic import source); writes empty files when synthesis.enabled is false."""
+    from troupe.dialogue.synthesize import synthesize
+
+    s = synthesize(params)
+    out = path_of(params, "synthetic")
+    if s["status"] == "disabled":
+        click.echo(f"synthesis disabled (synthesis.enabled=false): empty {out}", err=True)
+        return
+    rows = [[k, s[k]] for k in ("scenarios", "finished", "failed", "skipped", "retried_failed")]
+    rows += [[f"ended by {k}", v] for k, v in s["ended_by"].items()]
+    rows += [["host unparseable", s["host"]["unparseable"]], ["tokens", s["tokens"]],
+             ["cost (USD)", f"{s['cost_usd']:.4f}"]]  # fmt: skip
+    _table(f"synthesize -> {out}", ["", "conversations"], rows)
+    if s["failed"]:
+        click.echo(
+            f"{s['failed']} conversation(s) failed (re-run to retry): see {out / 'failed.jsonl'}", err=True
         )
 
 

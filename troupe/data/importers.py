@@ -15,6 +15,9 @@ charactereval   CharacterEval directory: ``test_data.jsonl`` (a JSON *array*),
 character100    Character100 directory: ``train.json``, ``dev.json`` (Alpaca-style
                 "Imagine you are X ..." prompts) and ``QR_test/NAME.txt`` (TSV)
 memotrace       WeChat MemoTrace JSON export: records of ``conversations`` (``role``/``content``)
+synthetic       ``troupe data synthesize`` directory: ``characters.jsonl`` + ``conversations.jsonl``
+                (dialogue-engine :class:`~troupe.dialogue.contract.Conversation` records); added to
+                the selected source set by ``troupe data import`` when ``synthesis.enabled``
 =============== ===========================================================================
 
 Options shared by sharegpt / alpaca / memotrace: ``character`` (an inline persona card, a
@@ -58,7 +61,7 @@ from troupe.contract import (
     write_jsonl,
 )
 
-KINDS = ("troupe", "sharegpt", "alpaca", "charactereval", "character100", "memotrace")
+KINDS = ("troupe", "sharegpt", "alpaca", "charactereval", "character100", "memotrace", "synthetic")
 
 _ROLE_MAP = {
     "human": "user",
@@ -650,6 +653,73 @@ def _import_character100(src: dict[str, Any], sink: _Sink) -> None:
             )
 
 
+def _import_synthetic(src: dict[str, Any], sink: _Sink) -> None:
+    """Dialogue-engine conversations -> dialogues with ``source="synthetic"`` and the provenance in
+    ``meta["synthetic"]`` (models, prompt version, scenario id, seed, variables, probes, how it ended).
+
+    The leading scene note stays a leading ``system`` message (what the character agent saw after its
+    card). A failed or unreadable record is an import error naming ``file:line``.
+    """
+    from troupe.dialogue.contract import Conversation
+
+    root = Path(src["path"])
+    cfile, dfile = root / "characters.jsonl", root / "conversations.jsonl"
+    for lineno, raw in iter_jsonl(cfile):
+        try:
+            sink.character(Character.model_validate(json.loads(raw)), str(cfile), lineno)
+        except (json.JSONDecodeError, ValidationError) as e:
+            sink.character_error(str(cfile), lineno, describe_error(e), raw)
+    label = src.get("name", "synthetic")
+    for lineno, raw in iter_jsonl(dfile):
+        sink.seen()
+        try:
+            c = Conversation.model_validate(json.loads(raw))
+        except (json.JSONDecodeError, ValidationError) as e:
+            sink.error(str(dfile), lineno, describe_error(e), raw)
+            continue
+        if c.status != "finished":
+            sink.error(
+                str(dfile), lineno, f"conversation {c.id} did not finish: {c.reason}", raw, record_id=c.id
+            )
+            continue
+        prov = c.provenance
+        meta = {
+            "synthetic": {
+                "conversation_id": c.id,
+                "scenario_id": c.scenario.id,
+                "seed": c.scenario.seed,
+                "label": c.label,
+                "prompt_version": prov.get("prompt_version", ""),
+                "agents": prov.get("agents", {}),
+                "character_model": prov.get("character_model", ""),
+                "variables": c.scenario.variables,
+                "probes": [p.model_dump() for p in c.scenario.probes],
+                "ended_by": c.ended_by,
+            }
+        }
+        try:
+            d = Dialogue(id=f"{label}-{c.id}", character_id=c.character_id, messages=c.messages,
+                         source="synthetic", meta=meta)  # fmt: skip
+        except ValidationError as e:
+            sink.error(str(dfile), lineno, describe_error(e), raw, record_id=c.id)
+            continue
+        sink.dialogue(d, str(dfile), lineno, raw)
+
+
+def synthetic_source(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The source ``troupe data import`` adds to the selected set when ``synthesis.enabled``:
+    ``{kind: synthetic, path: paths.synthetic}`` (None when disabled, or when the set already lists a
+    synthetic source of that path)."""
+    if not (params.get("synthesis") or {}).get("enabled"):
+        return None
+    path = str((params.get("paths") or {}).get("synthetic", "work/synthetic"))
+    data = params.get("data") or {}
+    listed = (data.get("source_sets") or {}).get(data.get("source_set", "sample")) or []
+    if any(s.get("kind") == "synthetic" and Path(s.get("path", "")) == Path(path) for s in listed):
+        return None
+    return {"kind": "synthetic", "path": path}
+
+
 _IMPORTERS: dict[str, Callable[[dict[str, Any], _Sink], None]] = {
     "troupe": _import_troupe,
     "sharegpt": _import_sharegpt,
@@ -657,6 +727,7 @@ _IMPORTERS: dict[str, Callable[[dict[str, Any], _Sink], None]] = {
     "charactereval": _import_charactereval,
     "character100": _import_character100,
     "memotrace": _import_memotrace,
+    "synthetic": _import_synthetic,
 }
 
 

@@ -382,3 +382,44 @@ def test_feedback_body_is_validated_naming_the_field_and_stored(tmp_path):
     assert row["context"] == [{"role": "user", "content": "hi"}] and row["model_version"] == "3"
     with pytest.raises(FeedbackError, match="rating"):
         store.add_event({**event.to_dict(), "rating": "sideways"})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_feedback_endpoint_http(tmp_path):
+    """``POST /v1/feedback`` over HTTP on a local Serve app (tiny model; HTTP only, no handles):
+    stored with a key, 401 without, 400 naming the field, 404 unknown character, 501 when the app
+    has no ``feedback_db_url``."""
+    import hashlib
+
+    import httpx
+
+    from tests.conftest import free_port
+    from tests.serve_fixtures import characters_file, make_app, start_cluster, stop_cluster, tiny_model
+    from troupe.deploy import apply_apps
+
+    db = f"sqlite:///{tmp_path}/fb.db"
+    chars, model, port = characters_file(tmp_path), tiny_model(), free_port()
+    key = "sk-fb-1"
+    start_cluster(port)
+    try:
+        on = make_app("test", chars, model, "/test", **{scontract.FEEDBACK_DB_URL: db},
+                      gateway={"require_api_key": True, "api_keys_sha256": [hashlib.sha256(key.encode()).hexdigest()]})  # fmt: skip
+        off = make_app("production", chars, model, "/production")
+        apply_apps([on, off], "127.0.0.1", port, timeout_s=400)
+        base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+        body = {"conversation_id": "c1", "character_id": "bob", "rating": "up", "message_id": "m1"}
+        url = base + "/test" + scontract.FEEDBACK_ENDPOINT
+        r = httpx.post(url, json=body, headers=auth, timeout=60)
+        assert r.status_code == 201, r.text
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        r = httpx.post(url, json={**body, "rating": "meh"}, headers=auth, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "rating"
+        r = httpx.post(url, json={**body, "character_id": "ghost"}, headers=auth, timeout=60)
+        assert r.status_code == 404
+        r = httpx.post(base + "/production" + scontract.FEEDBACK_ENDPOINT, json=body, timeout=60)
+        assert r.status_code == 501 and scontract.FEEDBACK_DB_URL in r.json()["error"]["message"]
+    finally:
+        stop_cluster()
+    (row,) = Store(db).events()
+    assert (row["conversation_id"], row["message_id"], row["rating"]) == ("c1", "m1", "up")

@@ -34,8 +34,10 @@ def resolve_params(
     dpo_learning_rate: float,
     dpo_beta: float,
     gate_policy: str,
+    synthesize: bool = False,
 ) -> str:
-    """Apply the pipeline's individual overrides ("" / negative = keep the params file's value)."""
+    """Apply the pipeline's individual overrides ("" / negative = keep the params file's value;
+    ``synthesize`` True turns ``synthesis.enabled`` on, False keeps the params file's value)."""
     from components.runtime import merge_overrides
 
     workers = nodes * devices_per_node if nodes > 0 and devices_per_node > 0 else -1
@@ -56,20 +58,50 @@ def resolve_params(
             "dpo.learning_rate": dpo_learning_rate,
             "dpo.beta": dpo_beta,
             "registry.gate_policy": gate_policy,
+            "synthesis.enabled": True if synthesize else "",
         },
     )
 
 
 @dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
-def data_import(params_yaml: str, data_repo: str, data_rev: str, dvc_remote: str, imported: Output[Dataset]):
-    """``troupe data import`` (sources fetched from ``data_repo`` at DVC revision ``data_rev`` when set)."""
+def data_synthesize(params_yaml: str, synthetic: Output[Dataset]):
+    """``troupe data synthesize``: dialogue-engine conversations (agents.user/character/host) as a
+    ``synthetic`` import source. With ``synthesis.enabled`` false (the pipeline's ``synthesize``
+    parameter off, the default) it calls no agent and writes an empty source: the task always runs
+    because a later task cannot consume an artifact made under a ``dsl.If`` (``dsl.OneOf`` artifacts
+    do not run on ``kfp.local``)."""
+    import json
+    from pathlib import Path
+
+    from components.runtime import run_step
+
+    run_step(["data", "synthesize"], params_yaml, {"synthetic": synthetic.path})
+    summary = json.loads((Path(synthetic.path) / "summary.json").read_text(encoding="utf-8"))
+    synthetic.metadata.update(
+        {k: summary[k] for k in ("status", "finished", "failed", "cost_usd") if k in summary}
+    )
+
+
+@dsl.component(base_image=TROUPE_IMAGE, install_kfp_package=False)
+def data_import(
+    params_yaml: str,
+    data_repo: str,
+    data_rev: str,
+    dvc_remote: str,
+    synthetic: Input[Dataset],
+    imported: Output[Dataset],
+):
+    """``troupe data import`` (sources fetched from ``data_repo`` at DVC revision ``data_rev`` when set;
+    plus the ``synthetic`` source when ``synthesis.enabled``)."""
     import tempfile
 
-    from components.runtime import fetch_data, run_step
+    from components.runtime import fetch_data, resolve, run_step
 
     with tempfile.TemporaryDirectory(prefix="troupe-data-") as d:
         params = fetch_data(params_yaml, data_repo, data_rev, dvc_remote, d)
-        run_step(["data", "import"], params, {"imported": imported.path})
+        run_step(
+            ["data", "import"], params, {"imported": imported.path, "synthetic": resolve(synthetic.path)}
+        )
     imported.metadata.update({"data_repo": data_repo, "data_rev": data_rev})
 
 

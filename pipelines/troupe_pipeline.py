@@ -1,6 +1,6 @@
 """The Troupe KFP pipeline: the dvc.yaml stages as Kubeflow tasks, reading like the diagram.
 
-    resolve params -> data import -> validate -> split ----------+
+    resolve params -> data synthesize -> data import -> validate -> split ----------+
                       model prepare -----------------------------+-> train sft -> train pairs -> train dpo
                                                      evaluate <- (base, sft, dpo) -> registry register
                                                                                    -> [gate passed] deploy
@@ -135,8 +135,10 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
         dpo_beta: float = -1.0,
         gate_policy: str = "",
         deploy_env: str = "test",
+        synthesize: bool = False,
     ):
-        """Empty strings and negative numbers keep the value from ``params_yaml``."""
+        """Empty strings and negative numbers keep the value from ``params_yaml``; ``synthesize`` turns
+        ``synthesis.enabled`` on (off keeps ``params_yaml``'s value, false by default)."""
         cfg = place(
             steps.resolve_params(
                 params_yaml=params_yaml,
@@ -153,6 +155,7 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
                 dpo_learning_rate=dpo_learning_rate,
                 dpo_beta=dpo_beta,
                 gate_policy=gate_policy,
+                synthesize=synthesize,
             ).set_display_name("resolve params")
         )
         p = cfg.output
@@ -175,8 +178,15 @@ def build_pipeline(kube: KubeSettings | None = None, params_path: str | Path = D
                 **inputs,
             )
 
+        # synthesised dialogues join the import when synthesis.enabled (else an empty source, no agent called)
+        syn = step(steps.data_synthesize, "data synthesize")
         imp = step(
-            steps.data_import, "data import", data_repo=data_repo, data_rev=data_rev, dvc_remote=dvc_remote
+            steps.data_import,
+            "data import",
+            data_repo=data_repo,
+            data_rev=data_rev,
+            dvc_remote=dvc_remote,
+            synthetic=syn.outputs["synthetic"],
         )
         base = step(steps.model_prepare, "model prepare", heavy=True)
         base_model = base.outputs["base_model"]

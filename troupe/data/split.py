@@ -10,6 +10,8 @@
   so a character can land off target (``report["grouping"]["heldout_dialogues_off_target"]``: held
   minus target); plus the seen characters' dialogues that share a group with a held-out character's;
 - ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it);
+- ``train.jsonl`` keeps at most ``synthesis.mix_ratio`` synthetic dialogues (:func:`cap_synthetic`;
+  ``report["synthetic"]`` counts what the cap dropped);
 - both eval files capped at ``split.max_eval_dialogues`` (0 = no cap); every cap is a seeded sample
   spread round-robin over characters, so a capped split keeps as many characters as it can;
 - ``characters.jsonl`` (every card) and ``split_report.json``.
@@ -31,6 +33,7 @@ dialogues of seen characters are drawn group by group. So no held-out context ap
 from __future__ import annotations
 
 import json
+import math
 import random
 import unicodedata
 from collections import Counter, defaultdict
@@ -177,8 +180,43 @@ def _sample(items: list[Dialogue], k: int, rng: random.Random) -> list[Dialogue]
     return [d for i, d in enumerate(items) if i in keep]
 
 
+def cap_synthetic(
+    train: list[Dialogue], mix_ratio: float, rng: random.Random
+) -> tuple[list[Dialogue], dict[str, Any]]:
+    """Keep at most ``mix_ratio`` synthetic dialogues (``source == "synthetic"``) in the training split.
+
+    With ``R`` real and ``S`` synthetic training dialogues, ``min(S, floor(r * R / (1 - r)))`` synthetic
+    ones stay (so ``S' / (R + S') <= r``; every one when ``r >= 1``, none when ``r == 0``): a seeded
+    sample spread over characters (:func:`_sample`), input order kept. ``synthesis.mix_ratio``; the
+    seeds mixed generated dialogues into real ones rather than training on them alone.
+
+    Returns:
+        ``(train, report)``; report: ``mix_ratio``, ``real``, ``synthetic_before_cap``, ``synthetic``,
+        ``dropped_by_mix_ratio``, ``share`` (synthetic share of the capped training split).
+    """
+    synthetic = [d for d in train if d.source == "synthetic"]
+    real = len(train) - len(synthetic)
+    r = float(mix_ratio)
+    allowed = len(synthetic) if r >= 1.0 else min(len(synthetic), math.floor(r * real / (1.0 - r) + 1e-9))
+    keep = {id(d) for d in (_sample(synthetic, allowed, rng) if allowed > 0 else [])}
+    out = [d for d in train if d.source != "synthetic" or id(d) in keep]
+    n_syn = len(out) - real
+    report = {
+        "mix_ratio": r,
+        "real": real,
+        "synthetic_before_cap": len(synthetic),
+        "synthetic": n_syn,
+        "dropped_by_mix_ratio": len(synthetic) - n_syn,
+        "share": n_syn / len(out) if out else 0.0,
+    }
+    return out, report
+
+
 def split_dialogues(
-    dialogues: list[Dialogue], characters: dict[str, Character], split_params: dict[str, Any]
+    dialogues: list[Dialogue],
+    characters: dict[str, Character],
+    split_params: dict[str, Any],
+    mix_ratio: float = 1.0,
 ) -> SplitResult:
     """Split dialogues into train / held-out dialogues / held-out characters (see the module docstring).
 
@@ -194,6 +232,8 @@ def split_dialogues(
         split_params: ``params['split']``: ``heldout_characters``, ``heldout_dialogue_share``, ``seed``,
             ``max_train_dialogues`` (0 = all), ``max_eval_dialogues`` (0 = all), ``shared_prefix_turns``
             (default 2).
+        mix_ratio: max share of synthetic dialogues in ``train`` (``synthesis.mix_ratio``; 1 = no cap),
+            applied after ``max_train_dialogues``; :func:`cap_synthetic`, ``report["synthetic"]``.
 
     Returns:
         :class:`SplitResult`; ``report["grouping"]`` counts groups, dialogues in multi-dialogue groups,
@@ -270,6 +310,7 @@ def split_dialogues(
     before = {s: len(v) for s, v in parts.items()}
     rng = random.Random(seed)
     parts["train"] = _sample(parts["train"], int(split_params.get("max_train_dialogues", 0)), rng)
+    parts["train"], synthetic_mix = cap_synthetic(parts["train"], mix_ratio, random.Random(f"{seed}:mix"))
     max_eval = int(split_params.get("max_eval_dialogues", 0))
     for s in ("heldout_dialogues", "heldout_characters"):
         parts[s] = _sample(parts[s], max_eval, rng)
@@ -308,6 +349,7 @@ def split_dialogues(
         "languages": {s: dict(Counter(langs.get(d.character_id, "") for d in v)) for s, v in parts.items()},
         "per_character": {s: per_char(v) for s, v in parts.items()},
     }
+    report["synthetic"] = synthetic_mix
     return SplitResult(
         train=parts["train"],
         heldout_dialogues=parts["heldout_dialogues"],
@@ -327,7 +369,8 @@ def split_dir(params: dict[str, Any]) -> SplitResult:
     src, out = path_of(params, "validated"), path_of(params, "splits")
     characters = load_characters(src / "characters.jsonl")
     dialogues = read_jsonl(src / "dialogues.jsonl", Dialogue)
-    res = split_dialogues(dialogues, characters, section(params, "split"))
+    mix = float((params.get("synthesis") or {}).get("mix_ratio", 1.0))
+    res = split_dialogues(dialogues, characters, section(params, "split"), mix_ratio=mix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:

@@ -133,7 +133,43 @@ def load_policy(path: str | Path) -> dict[str, Any]:
     if not isinstance(metrics, dict) or any(d not in _DIRECTIONS for d in metrics.values()):
         raise ConfigError(f"{p}: no_regression.metrics: expected {{split.metric: higher|lower}}")
     pol["no_regression"] = {"margin": float(margin), "metrics": metrics}
+    if "selfplay" in pol:
+        pol["selfplay"] = _selfplay_policy(pol.get("selfplay") or {}, p)
     return pol
+
+
+def _selfplay_policy(sec: Any, p: Path) -> dict[str, Any]:
+    """The policy's ``selfplay`` section with defaults: ``required`` (False), ``min_n`` (0, paired
+    scenarios), ``margin`` (0.0) and ``metrics`` as ``{metric: {direction, margin, min_n}}`` (a metric
+    may be given as just its direction; a margin or min_n it does not set is None: the section's)."""
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{p}: selfplay: expected a mapping (required, min_n, margin, metrics)")
+    required, min_n, margin = sec.get("required", False), sec.get("min_n", 0), sec.get("margin", 0.0)
+    if not isinstance(required, bool):
+        raise ConfigError(f"{p}: selfplay.required: expected true or false, got {required!r}")
+    if not isinstance(min_n, int) or isinstance(min_n, bool) or min_n < 0:
+        raise ConfigError(f"{p}: selfplay.min_n: expected an integer >= 0, got {min_n!r}")
+    if not isinstance(margin, int | float) or margin < 0:
+        raise ConfigError(f"{p}: selfplay.margin: expected a number >= 0, got {margin!r}")
+    metrics = {}
+    for name, rule in (sec.get("metrics") or {}).items():
+        rule = {"direction": rule} if isinstance(rule, str) else rule
+        if (
+            not isinstance(rule, dict)
+            or rule.get("direction") not in _DIRECTIONS
+            or not set(rule) <= {"direction", "margin", "min_n"}
+            or not isinstance(rule.get("margin", 0.0), int | float)
+            or not isinstance(rule.get("min_n", 0), int)
+        ):
+            raise ConfigError(
+                f"{p}: selfplay.metrics.{name}: expected higher|lower or {{direction, margin?, min_n?}}"
+            )
+        metrics[str(name)] = {
+            "direction": rule["direction"],
+            "margin": None if rule.get("margin") is None else float(rule["margin"]),
+            "min_n": rule.get("min_n"),
+        }
+    return {"required": required, "min_n": min_n, "margin": float(margin), "metrics": metrics}
 
 
 def _direction(key: str, policy: dict[str, Any]) -> str:
@@ -341,10 +377,12 @@ def _regression(
     source: str,
     min_n: int,
     conf: float,
+    unit: str = "replies",
 ) -> Verdict:
     """Paired difference (candidate - champion) against ``margin``: pass when the bad-side bound is
     within the margin (non-inferiority), fail when the whole interval is beyond it, else insufficient
-    (also when fewer than ``min_n`` replies of the split were scored by both)."""
+    (also when fewer than ``min_n`` ``unit`` (replies of the split; self-play: scenarios) were scored
+    by both)."""
     higher = direction == "higher"
     rule = (
         f"{key}: candidate - champion {'lo >= ' + format(-margin, 'g') if higher else 'hi <= ' + format(margin, 'g')}"
@@ -355,7 +393,7 @@ def _regression(
     if replies < min_n:
         return Verdict(
             INSUFFICIENT, rule, diff,
-            f"{replies} replies scored by both, below min_n {min_n}: {min_n - replies} more needed ({source})",
+            f"{replies} {unit} scored by both, below min_n {min_n}: {min_n - replies} more needed ({source})",
         )  # fmt: skip
     if math.isnan(diff.lo) or math.isnan(diff.hi):
         return Verdict(INSUFFICIENT, rule, diff, f"no interval (one dialogue only; {source})")
@@ -377,7 +415,12 @@ def _regression(
     return Verdict(INSUFFICIENT, rule, diff, f"{where}: interval crosses the margin {margin:g}; {need}")
 
 
-def gate(result: EvalResult, policy: dict[str, Any], champion: Champion | None) -> list[Verdict]:
+def gate(
+    result: EvalResult,
+    policy: dict[str, Any],
+    champion: Champion | None,
+    selfplay: dict[str, Any] | None = None,
+) -> list[Verdict]:
     """Apply ``policy`` (from :func:`load_policy`) to the candidate's estimates in ``result``.
 
     Absolute rules read interval bounds at the policy's confidence; a split with fewer than ``min_n``
@@ -385,6 +428,8 @@ def gate(result: EvalResult, policy: dict[str, Any], champion: Champion | None) 
     ``champion`` paired, item by item, on the same eval set: the champion scored in ``result`` (model
     ``champion`` with ``eval_set.json`` ``champion_version`` equal to ``champion.version``), else its
     stored scores when its stored eval-set hash equals this one; otherwise the check is insufficient.
+    With a ``selfplay`` policy section, the self-play result (``selfplay``: the parsed
+    ``paths.selfplay/metrics.json``, None when there is none) adds :func:`selfplay_gate`'s verdicts.
 
     Returns:
         one :class:`troupe.stats.Verdict` per rule bound and regression metric; the overall outcome is
@@ -409,6 +454,7 @@ def gate(result: EvalResult, policy: dict[str, Any], champion: Champion | None) 
     if isinstance(reg, list):
         reg = {k: _direction(k, policy) for k in reg}
     margin = float(nr.get("margin", nr.get("max_regression", 0.0)))
+    out += selfplay_gate(selfplay, policy)[0]
     if reg and champion is None:
         out.append(Verdict(PASS, "no_regression", empty(conf), "no champion yet: regression check skipped"))
         return out
@@ -430,6 +476,98 @@ def gate(result: EvalResult, policy: dict[str, Any], champion: Champion | None) 
         replies = len(cand_keys & champ_keys)
         out.append(_regression(key, direction, margin, diff, replies, source, min_n, conf))
     return out
+
+
+def selfplay_gate(selfplay: dict[str, Any] | None, policy: dict[str, Any]) -> tuple[list[Verdict], str]:
+    """The policy's ``selfplay`` rules on a self-play result (:mod:`troupe.dialogue.selfplay`'s
+    ``metrics.json``): per metric, the paired difference candidate - champion over the scenarios both
+    finished against the metric's margin, as :func:`_regression` (pass: the bad-side bound within the
+    margin; fail: the whole interval beyond it; else, or with fewer than ``min_n`` paired scenarios,
+    insufficient). The difference is recomputed from the per-scenario values when the policy's
+    confidence differs from the result's.
+
+    Returns:
+        ``(verdicts, note)``: no verdicts when the policy has no ``selfplay`` section; without a result,
+        one "insufficient" verdict when ``required`` is true, else none and the note says the rules
+        were skipped (the note is recorded in decision.json and gate.md).
+    """
+    sec = policy.get("selfplay")
+    if not sec:
+        return [], ""
+    conf = float(policy.get("confidence", DEFAULT_CONFIDENCE))
+    if selfplay is None:
+        why = "no self-play result (paths.selfplay/metrics.json): run `troupe evaluate --suite selfplay`"
+        if sec.get("required"):
+            missing = Verdict(INSUFFICIENT, "selfplay (required)", empty(conf), why)
+            return [missing], f"required, missing: {why}"
+        return [], f"rules skipped (selfplay.required is false): {why}"
+    sides = selfplay.get("sides") or {}
+    source = "self-play {} vs {} ({})".format(
+        (sides.get("candidate") or {}).get("url", "?"),
+        (sides.get("champion") or {}).get("url", "?"),
+        selfplay.get("created", "undated"),
+    )
+    stored_conf = float(selfplay.get("confidence", DEFAULT_CONFIDENCE))
+    out = []
+    for metric, rule in sec["metrics"].items():
+        margin = float(sec.get("margin", 0.0) if rule.get("margin") is None else rule["margin"])
+        min_n = int(sec.get("min_n", 0) if rule.get("min_n") is None else rule["min_n"])
+        raw = (selfplay.get("paired") or {}).get(metric)
+        values = (selfplay.get("values") or {}).get(metric)
+        if raw is None:
+            out.append(
+                Verdict(
+                    INSUFFICIENT,
+                    f"selfplay.{metric}: paired vs champion",
+                    empty(conf),
+                    f"not measured: the self-play metrics.json has no {metric} ({source})",
+                )
+            )
+            continue
+        diff = Estimate.from_dict(raw)
+        if stored_conf != conf and values:
+            cand = {s: v["candidate"] for s, v in values.items() if v.get("candidate") is not None}
+            champ = {s: v["champion"] for s, v in values.items() if v.get("champion") is not None}
+            diff = paired_difference(
+                cand, champ, cluster_of=lambda k: k, confidence=conf,
+                resamples=int(selfplay.get("resamples", 2000)),
+            )  # fmt: skip
+        out.append(
+            _regression(
+                f"selfplay.{metric}",
+                rule["direction"],
+                margin,
+                diff,
+                diff.n,
+                source,
+                min_n,
+                conf,
+                unit="scenarios",
+            )
+        )
+    return out, f"{len(out)} rule(s) on {source}"
+
+
+def _read_selfplay(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The parsed ``paths.selfplay/metrics.json`` (local or a URI), None when paths.selfplay is not set
+    or has no result.
+
+    Raises:
+        ConfigError: the file is there but is not a JSON object.
+    """
+    from troupe import storage
+
+    loc = (params.get("paths") or {}).get("selfplay")
+    if not loc or not storage.exists(storage.join(str(loc), METRICS_FILE)):
+        return None
+    where = storage.join(str(loc), METRICS_FILE)
+    try:
+        got = json.loads(storage.read_text(where))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not JSON ({e})") from e
+    if not isinstance(got, dict):
+        raise ConfigError(f"{where}: expected a JSON object (troupe evaluate --suite selfplay)")
+    return got
 
 
 def _client():
@@ -579,10 +717,12 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         name = reg.get("model_name", "troupe-roleplay")
         champion = _champion(_client(), name, tmp / "champion")
-        verdicts = gate(result, policy, champion)
+        selfplay = _read_selfplay(params)
+        verdicts = gate(result, policy, champion, selfplay)
         decision = _record(
-            params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out, catalogue
-        )
+            params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out, catalogue,
+            selfplay_note=selfplay_gate(selfplay, policy)[1],
+        )  # fmt: skip
     click.echo((out / "gate.md").read_text())
     return decision
 
@@ -601,11 +741,23 @@ def _catalogue(params: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def _record(
-    params, result, policy, verdicts, champion, model_loc, chars_text, chars_sha, out, catalogue=None
+    params,
+    result,
+    policy,
+    verdicts,
+    champion,
+    model_loc,
+    chars_text,
+    chars_sha,
+    out,
+    catalogue=None,
+    selfplay_note: str = "",
 ) -> dict[str, Any]:
     """Log the register run, create the version with its evidence, set tags/alias, write the files.
 
     ``catalogue`` is ``(version, uri)`` of the run's catalogue; None: the logged characters file is it.
+    ``selfplay_note`` (from :func:`selfplay_gate`) says what the policy's self-play rules read or why
+    they were skipped.
     """
     import mlflow
 
@@ -691,6 +843,7 @@ def _record(
             "reasons": [f"{v.status.upper()} {v.rule}: {v.detail}" for v in verdicts],
             "eval_set": eval_hashes,
             "champion_version": champion.version if champion else None,
+            "selfplay": selfplay_note or None,
             "run_id": run.info.run_id,
             "alias": CHALLENGER if passed else None,
         }
@@ -707,6 +860,7 @@ def _record(
             f"{'v' + champion.version if champion else 'none'}; policy: {round(float(policy['confidence']) * 100)}% "
             f"intervals, min_n {policy['min_n']} replies per split; "
             f"{counts[PASS]} pass, {counts[FAIL]} fail, {counts[INSUFFICIENT]} insufficient."
+            + (f" Self-play: {selfplay_note}." if selfplay_note else "")
         )
         alias_line = f"Alias `{CHALLENGER}` set." if passed else "No alias set."
         (out / "gate.md").write_text(_report(verdicts, status, head, alias_line), encoding="utf-8")

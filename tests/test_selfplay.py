@@ -5,8 +5,6 @@ gateways (real HTTP servers on loopback, the real ``openai`` client), and the re
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from troupe.contract import Message
@@ -161,8 +159,8 @@ def test_compare_pairs_scenarios_and_reports_n():
     assert d.n == 10 and d.clusters == 10 and d.value == pytest.approx(1.0) and d.method == "paired-bootstrap"
     assert got["metrics"][sp.CHAMPION]["repetition"].n == 12
     assert got["metrics"][sp.CANDIDATE]["repetition"].value == pytest.approx(1.0)
-    # a probe metric no conversation had: n = 0, not a pass
-    assert got["paired"]["photo_probe_image"].n == 0 and math.isnan(got["paired"]["photo_probe_image"].value)
+    # a probe metric no conversation had is left out (the gate reads it as not measured)
+    assert "photo_probe_image" not in got["paired"] and "photo_probe_image" not in got["metrics"][sp.CHAMPION]
     # 0/1 per conversation -> Wilson; shares -> bootstrap
     assert got["metrics"][sp.CHAMPION]["early_rule_break"].method == "wilson"
     assert got["metrics"][sp.CHAMPION]["rule_breaks"].method == "bootstrap"
@@ -355,6 +353,9 @@ def test_gate_fails_a_worse_candidate(bad_candidate, policy):
         got, _with(policy, metrics={"repetition": {"direction": "lower", "margin": 0.05, "min_n": 50}})
     )
     assert [v.status for v in few] == [INSUFFICIENT] and "below min_n 50" in few[0].detail
+    # a metric the result does not have (the stand-in judge answers no rules): not measured, insufficient
+    none, _ = selfplay_gate(got, _with(policy, metrics={"judge_rule_no_goodbye": {"direction": "lower"}}))
+    assert [v.status for v in none] == [INSUFFICIENT] and "not measured" in none[0].detail
     # a policy at another confidence recomputes the paired interval from the per-scenario values
     wide, _ = selfplay_gate(got, {**pol, "confidence": 0.999})
     assert wide[0].estimate.confidence == 0.999

@@ -373,9 +373,15 @@ def compare(
 
     Returns:
         ``{"metrics": {label: {metric: Estimate}}, "paired": {metric: Estimate}, "values": {metric:
-        {scenario id: {label: value}}}}``; the paired difference is candidate - champion.
+        {scenario id: {label: value}}}}``; the paired difference is candidate - champion. Metrics
+        without a value on either side (a probe no scenario had, a judge field never answered) are
+        left out: the gate reads a missing metric as "not measured" (insufficient evidence).
     """
-    names = [m for m in METRICS if any(m in v for side in per_scenario.values() for v in side.values())]
+    names = [
+        m
+        for m in METRICS
+        if any(v.get(m) is not None for side in per_scenario.values() for v in side.values())
+    ]
     metrics: dict[str, dict[str, Estimate]] = {}
     for label, side in per_scenario.items():
         metrics[label] = {
@@ -702,7 +708,7 @@ def _plots(
     ]
     groups = [g for g in groups if g] or [[]]
     fig, axes = plt.subplots(
-        1, len(groups), figsize=(6.5 * len(groups), 0.35 * max(map(len, groups)) + 1.5), squeeze=False
+        1, len(groups), figsize=(7.5 * len(groups), 0.35 * max(map(len, groups)) + 1.5), squeeze=False
     )
     for ax, group in zip(axes.flat, groups, strict=True):
         for y, m in enumerate(group):

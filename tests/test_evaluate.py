@@ -1,21 +1,15 @@
-"""Evaluation metrics on crafted replies, and the LLM judge over HTTP.
-
-The judge endpoint is a small OpenAI-compatible HTTP server on loopback standing in for a real LLM
-judge (no model API is reachable here); the real `openai` client talks to it.
-"""
+"""Evaluation metrics on crafted replies (the rubric judge's part of ``troupe evaluate`` is tested in
+tests/test_judge.py)."""
 
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
-from troupe.config import ConfigError
 from troupe.contract import Character
-from troupe.evaluate import distinct_n, judge_scores, score_replies
+from troupe.evaluate import distinct_n, score_replies
 
 CHARS = {
     "max": Character(id="max", name="Max", language="en"),
@@ -92,69 +86,6 @@ def test_distinct_n():
     assert distinct_n([["a"]], 2) == 0.0
 
 
-class _Judge(BaseHTTPRequestHandler):
-    answer = json.dumps({"human_likeness": 7, "purposefulness": 5, "consistency": 9, "engagement": 6})
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server API)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Judge.seen.append((self.path, self.headers.get("Authorization"), body))
-        out = {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "finish_reason": "stop",
-                    "message": {"role": "assistant", "content": _Judge.answer},
-                }
-            ],
-        }
-        data = json.dumps(out).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture()
-def judge_url():
-    srv = HTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}/v1"
-    srv.shutdown()
-
-
-def test_judge_scores_over_openai_compatible_http(judge_url, monkeypatch):
-    monkeypatch.setenv("JUDGE_KEY", "sk-test")
-    cfg = {"endpoint": judge_url, "model": "judge-1", "api_key_env": "JUDGE_KEY"}
-    samples = [_s("max", "d1", "hi"), _s("max", "d2", "yo")]
-    judge_scores(samples, CHARS, cfg)
-    for s in samples:
-        assert s["scores"] == {
-            "judge_human_likeness": 7,
-            "judge_purposefulness": 5,
-            "judge_consistency": 9,
-            "judge_engagement": 6,
-        }
-    m = score_replies(samples, CHARS)
-    assert m["judge_consistency"].value == 9 and m["judge_consistency"].n == 2
-    path, auth, body = _Judge.seen[-1]
-    assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["model"] == "judge-1"
-    monkeypatch.setattr(_Judge, "answer", "I think it is good")
-    with pytest.raises(ConfigError, match="not JSON"):
-        judge_scores([_s("max", "d1", "hi")], CHARS, cfg)
-    monkeypatch.delenv("JUDGE_KEY")
-    with pytest.raises(ConfigError, match="JUDGE_KEY"):
-        judge_scores([_s("max", "d1", "hi")], CHARS, cfg)
-
-
 def test_truncated_replies_are_not_judged_on_markup():
     cut = _s("max", "d1", "We fly at dawn<emotion>hap")
     cut["finished"] = False
@@ -199,7 +130,6 @@ def test_decoding_a_budget_cut_reply_drops_the_partial_character(tiny_model_dir)
 def test_evaluate_reads_and_writes_uris(tiny_model_dir, tmp_path, monkeypatch):
     """On a cluster every input and output of evaluate is a URI (S3 on a moto server here): the model
     and splits are downloaded, metrics/report published to paths.eval only when the step succeeds."""
-    import json
     from pathlib import Path
 
     import yaml

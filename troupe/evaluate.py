@@ -32,8 +32,12 @@ Means (cluster bootstrap over dialogues) and corpus statistics:
 * ``distinct_2``            distinct bigrams / all bigrams over all replies (Li et al. 2016, arXiv:1510.03055);
                             jackknife over dialogues (a bootstrap biases it down)
 * ``loss`` ↓ / ``perplexity`` ↓ mean NLL / exp(NLL) per reference character token (teacher forced)
-* ``judge_*``               optional LLM judge, 1-10 on human-likeness, purposefulness, consistency,
-                            engagement (DOMAIN.md), through any OpenAI-compatible endpoint
+* ``judge_*``               optional rubric judge (``eval.judge``, endpoint ``agents.judge``;
+                            :mod:`troupe.dialogue.judge`): ``judge_<dimension>`` 1-10 means on
+                            human-likeness, purposefulness, consistency, engagement (DOMAIN.md;
+                            bootstrap over dialogues, n = parsed scores), ``judge_rule_<id>`` ↓ and
+                            ``judge_narration`` ↓ rates, ``judge_unparseable`` ↓ / ``judge_failed`` ↓
+                            (answers that did not parse / calls that failed: visible, never zeros)
 
 The base model is evaluated once per base model and eval set by its own stage (``troupe evaluate
 --base-only`` -> ``paths.eval_base``) and reused while its eval-set hash and settings match.
@@ -50,9 +54,7 @@ from __future__ import annotations
 import base64
 import csv
 import functools
-import json
 import math
-import os
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -72,6 +74,7 @@ from troupe.checks import (
 from troupe.cli import step_options
 from troupe.config import ConfigError, section
 from troupe.contract import Character, Dialogue, load_characters, read_jsonl
+from troupe.dialogue import judge as rubric
 from troupe.eval_contract import CHAMPION_MODEL, EvalResult, eval_set_hash
 from troupe.markup import has_markup, strip_markup
 from troupe.stats import Estimate
@@ -94,21 +97,23 @@ RATE_METRICS = (
     "echo_user",
 )
 #: metrics where lower is better (used by the report, the gate and the rollout)
-LOWER_IS_BETTER = frozenset(
-    {
-        "truncated",
-        "empty_reply",
-        "assistant_leakage",
-        "name_prefix",
-        "stage_direction",
-        "self_repetition",
-        "in_reply_repetition",
-        "echo_user",
-        "loss",
-        "perplexity",
-    }
+LOWER_IS_BETTER = (
+    frozenset(
+        {
+            "truncated",
+            "empty_reply",
+            "assistant_leakage",
+            "name_prefix",
+            "stage_direction",
+            "self_repetition",
+            "in_reply_repetition",
+            "echo_user",
+            "loss",
+            "perplexity",
+        }
+    )
+    | rubric.LOWER_IS_BETTER
 )
-JUDGE_DIMENSIONS = ("human_likeness", "purposefulness", "consistency", "engagement")
 #: bootstrap replicates for corpus statistics (BLEU, distinct-2), which are recomputed per replicate
 CORPUS_RESAMPLES = 500
 
@@ -281,7 +286,8 @@ def score_replies(
     """Every metric of ``samples`` (one model, one split or character) as an estimate with n and interval.
 
     Samples without ``scores`` are scored first (:func:`score_samples`). Rates: Wilson over the
-    replies a rule applies to. ``rouge_l`` and judge scores: mean, cluster bootstrap over dialogues.
+    replies a rule applies to. ``rouge_l``: mean, cluster bootstrap over dialogues (the ``judge_*``
+    per-item values are summarised by :func:`troupe.dialogue.judge.summarise`, see :func:`evaluate_model`).
     ``bleu`` and ``distinct_2`` (``corpus=True``): corpus statistics recomputed per bootstrap replicate.
     Returns ``{}`` for no samples.
     """
@@ -297,8 +303,7 @@ def score_replies(
     by_dialogue: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         by_dialogue[s["dialogue_id"]].append(s)
-    means = ["rouge_l"] + sorted({k for s in samples for k in s["scores"] if k.startswith("judge_")})
-    for m in means:
+    for m in ("rouge_l",):
         vals = {
             d: [s["scores"][m] for s in ss if s["scores"].get(m) is not None] for d, ss in by_dialogue.items()
         }
@@ -324,44 +329,67 @@ def score_replies(
     return out
 
 
-def judge_scores(samples: list[dict[str, Any]], chars: dict[str, Character], judge: dict[str, Any]) -> None:
-    """Add 1-10 LLM-judge scores per dimension to each sample's ``scores`` (``judge_<dimension>``),
-    through an OpenAI-compatible endpoint.
+def judge_samples(
+    samples: list[dict[str, Any]], chars: dict[str, Character], agent: dict[str, Any]
+) -> list[rubric.JudgeScore]:
+    """Score every sample's reply with the rubric judge (:mod:`troupe.dialogue.judge`) at ``agent``
+    (the resolved ``params.agents.judge``), in place: ``scores`` gets the per-item values of
+    :func:`troupe.dialogue.judge.item_values` (None where the judge gave none or its answer did not
+    parse), ``judge`` the score's status, attempts and raw answer. A bad answer or a failed call is
+    recorded, never raised.
+
+    Returns:
+        The :class:`~troupe.dialogue.contract.JudgeScore` per sample, in ``samples`` order (item id
+        ``<split>/<dialogue_id>/<turn>``).
+    """
+    from troupe.dialogue.client import AgentClient
+
+    client = AgentClient.from_params(agent, "judge")
+    items = [
+        rubric.JudgeItem(
+            f"{s['split']}/{s['dialogue_id']}/{s['turn']}", chars[s["character_id"]], s["context"],
+            s["reply"], model=s.get("model", ""), turn=s["turn"],
+        )
+        for s in samples
+    ]  # fmt: skip
+    scores = rubric.score_many(client, items)
+    for s, sc in zip(samples, scores, strict=True):
+        s.setdefault("scores", {}).update(rubric.item_values(sc))
+        s["judge"] = {
+            "status": sc.status,
+            "attempts": sc.attempts,
+            "raw": sc.raw,
+            "judge_model": sc.judge_model,
+        }
+    u = client.usage
+    print(
+        f"[evaluate] judge {client.model}: {u.calls} calls, {u.prompt_tokens}+{u.completion_tokens} tokens, "
+        f"${u.cost_usd:.4f}",
+        flush=True,
+    )
+    return scores
+
+
+def _judged_dialogue(score: rubric.JudgeScore) -> str:
+    """Cluster of a judge score of :func:`judge_samples`: ``<split>/<dialogue_id>`` of its item id."""
+    return score.item_id.rsplit("/", 1)[0]
+
+
+def judge_agent(params: dict[str, Any]) -> dict[str, Any] | None:
+    """``params.agents.judge`` when ``eval.judge`` is on, else None (not measured).
 
     Raises:
-        ConfigError: the endpoint's API key env var is unset, or the judge's answer is not JSON.
+        ConfigError: ``eval.judge`` is true but ``agents.judge.base_url`` or ``model`` is empty.
     """
-    from openai import OpenAI
-
-    key = os.environ.get(judge.get("api_key_env", "TROUPE_JUDGE_API_KEY"), "")
-    if not key:
+    if not (params.get("eval") or {}).get("judge"):
+        return None
+    agent = dict((params.get("agents") or {}).get("judge") or {})
+    if not agent.get("base_url") or not agent.get("model"):
         raise ConfigError(
-            f"eval.judge.endpoint is set but env {judge.get('api_key_env')} (its API key) is empty"
+            "eval.judge is true but agents.judge.base_url / agents.judge.model is empty: point it at an "
+            'OpenAI-compatible endpoint (README "Judge") or set eval.judge=false'
         )
-    client = OpenAI(base_url=judge["endpoint"], api_key=key, timeout=60)
-    for s in samples:
-        c = chars[s["character_id"]]
-        prompt = (
-            f"You judge a role-play reply. Character: {c.name} ({c.language}). Profile: {json.dumps(c.profile, ensure_ascii=False)}\n"
-            f"Context: {json.dumps(s['context'], ensure_ascii=False)}\nReply: {s['reply']}\n"
-            "Score 1-10 each: human_likeness, purposefulness, consistency, engagement. Answer JSON only."
-        )
-        r = client.chat.completions.create(
-            model=judge["model"], messages=[{"role": "user", "content": prompt}], temperature=0
-        )
-        try:
-            scores = json.loads(r.choices[0].message.content)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ConfigError(
-                f"judge {judge['endpoint']}: answer is not JSON: {r.choices[0].message.content!r}"
-            ) from e
-        s.setdefault("scores", {}).update(
-            {
-                f"judge_{d}": float(scores[d])
-                for d in JUDGE_DIMENSIONS
-                if isinstance(scores.get(d), int | float)
-            }
-        )
+    return agent
 
 
 def eval_request(dialogue: Dialogue, turn: int, character: Character, max_new_tokens: int):
@@ -380,8 +408,11 @@ def evaluate_model(
     cfg: dict[str, Any],
     cutoff_len: int,
     name: str,
+    judge: dict[str, Any] | None = None,
 ) -> tuple[dict[str, dict[str, Estimate]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """Generate and score one model on each split's items.
+    """Generate and score one model on each split's items; with ``judge`` (the resolved
+    ``params.agents.judge``, :func:`judge_agent`) the rubric judge scores every reply too and the
+    split and per-character metrics get :func:`troupe.dialogue.judge.summarise` (clustered by dialogue).
 
     Returns:
         ``(metrics[split][metric], samples, per-character rows)``; each row is one model, split,
@@ -413,10 +444,10 @@ def evaluate_model(
             for (d, i), r in zip(items, results, strict=True)
         ]
         score_samples(ss, chars)
-        judge = cfg.get("judge") or {}
-        if judge.get("endpoint"):
-            judge_scores(ss, chars, judge)
+        judged = judge_samples(ss, chars, judge) if judge else []
         m = score_replies(ss, chars, confidence)
+        if judged:
+            m.update(rubric.summarise(judged, confidence, _judged_dialogue))
         dialogues = list({d.id: d for d, _ in items}.values())
         m.update(nll_estimates(character_nll(model, tok, dialogues, chars, cutoff_len), confidence))
         metrics[split] = m
@@ -425,7 +456,11 @@ def evaluate_model(
         for s in ss:
             by_char[s["character_id"]].append(s)
         for cid, group in sorted(by_char.items()):
-            for metric, e in score_replies(group, chars, confidence, corpus=False).items():
+            mc = score_replies(group, chars, confidence, corpus=False)
+            if judged:
+                mine = [sc for sc in judged if sc.character_id == cid]
+                mc.update(rubric.summarise(mine, confidence, _judged_dialogue))
+            for metric, e in mc.items():
                 per_char.append(
                     {"model": name, "split": split, "character_id": cid, "metric": metric,
                      "value": e.value, "n": e.n, "lo": e.lo, "hi": e.hi}
@@ -516,7 +551,7 @@ def write_report(
         f"<td>{html.escape(s['reference'])}</td></tr>"
         for s in samples[:60]
     )
-    judge = "" if judge_measured else "<p><b>LLM judge: not measured</b> (eval.judge.endpoint is empty).</p>"
+    judge = "" if judge_measured else "<p><b>LLM judge: not measured</b> (eval.judge is false).</p>"
     doc = (
         "<html><head><meta charset='utf-8'><title>Troupe evaluation</title><style>body{font-family:sans-serif}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}</style></head>"
@@ -617,6 +652,7 @@ def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out
     eval_set: dict[str, Any] = {s: split_eval_set(items) for s, items in split_items.items()}
     eval_set["settings"] = _settings(cfg, cutoff)
     names = ["base"] if base_only else list(cfg.get("models", ["base", "sft", "dpo"]))
+    judge = judge_agent(params)
     metrics: dict[str, dict[str, dict[str, Estimate]]] = {}
     samples: list[dict[str, Any]] = []
     per_char: list[dict[str, Any]] = []
@@ -641,7 +677,7 @@ def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out
                         f"{loc}: model directory for eval.models={name} not found (paths.{key}; run its stage first)"
                     )
                 d = storage.local_copy(loc, what=f"paths.{key}")
-            m, s, pc = evaluate_model(d, split_items, chars, cfg, cutoff, name)
+            m, s, pc = evaluate_model(d, split_items, chars, cfg, cutoff, name, judge)
             metrics[name], samples, per_char = m, samples + s, per_char + pc
         files = EvalResult(metrics, eval_set, samples).write(out)
         with (out / "per_character.csv").open("w", newline="", encoding="utf-8") as f:
@@ -651,7 +687,7 @@ def _evaluate(params: dict[str, Any], cfg: dict[str, Any], splits_dir: Path, out
             w.writeheader()
             w.writerows(per_char)
         plots = _plots(metrics, out / "plots")
-        judge_measured = bool((cfg.get("judge") or {}).get("endpoint"))
+        judge_measured = judge is not None
         report = write_report(metrics, samples, plots, out, judge_measured, eval_set)
         flat = {}
         for model, splits in metrics.items():

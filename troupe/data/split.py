@@ -16,6 +16,11 @@
   spread round-robin over characters, so a capped split keeps as many characters as it can;
 - ``characters.jsonl`` (every card) and ``split_report.json``.
 
+When ``eval.suites`` has ``charactereval``, every dialogue of a CharacterEval character
+(:func:`charactereval_characters`) is set aside before splitting: it enters no split, so the suite
+(:mod:`troupe.dialogue.charactereval`) scores characters the model never trained on;
+``report["excluded"]`` counts them (``in = excluded + sum(before_caps)``).
+
 Every output dialogue has ``split`` set to ``train`` / ``heldout_dialogues`` / ``heldout_characters``;
 no held-out character has a dialogue in ``train``. File order follows the input order.
 
@@ -180,6 +185,12 @@ def _sample(items: list[Dialogue], k: int, rng: random.Random) -> list[Dialogue]
     return [d for i, d in enumerate(items) if i in keep]
 
 
+def charactereval_characters(dialogues: list[Dialogue]) -> set[str]:
+    """Ids of the characters with a CharacterEval dialogue: imported from a ``charactereval`` source
+    (the importer's ``meta["charactereval_id"]``, or ``source`` ``charactereval``)."""
+    return {d.character_id for d in dialogues if "charactereval_id" in d.meta or d.source == "charactereval"}
+
+
 def cap_synthetic(
     train: list[Dialogue], mix_ratio: float, rng: random.Random
 ) -> tuple[list[Dialogue], dict[str, Any]]:
@@ -216,6 +227,7 @@ def split_dialogues(
     dialogues: list[Dialogue],
     characters: dict[str, Character],
     split_params: dict[str, Any],
+    exclude_characters: frozenset[str] | set[str] = frozenset(),
     mix_ratio: float = 1.0,
 ) -> SplitResult:
     """Split dialogues into train / held-out dialogues / held-out characters (see the module docstring).
@@ -232,6 +244,8 @@ def split_dialogues(
         split_params: ``params['split']``: ``heldout_characters``, ``heldout_dialogue_share``, ``seed``,
             ``max_train_dialogues`` (0 = all), ``max_eval_dialogues`` (0 = all), ``shared_prefix_turns``
             (default 2).
+        exclude_characters: character ids whose dialogues enter no split, counted in
+            ``report["excluded"]`` (CharacterEval's characters when ``eval.suites`` has it: module docstring).
         mix_ratio: max share of synthetic dialogues in ``train`` (``synthesis.mix_ratio``; 1 = no cap),
             applied after ``max_train_dialogues``; :func:`cap_synthetic`, ``report["synthetic"]``.
 
@@ -243,6 +257,8 @@ def split_dialogues(
     Raises:
         ConfigError: a share outside [0, 1), ``shared_prefix_turns < 1``.
     """
+    excluded = [d for d in dialogues if d.character_id in exclude_characters]
+    dialogues = [d for d in dialogues if d.character_id not in exclude_characters]
     seed = int(split_params.get("seed", 0))
     share = float(split_params.get("heldout_dialogue_share", 0.15))
     if not 0.0 <= share < 1.0:
@@ -320,7 +336,12 @@ def split_dialogues(
 
     sizes = Counter(group)
     report = {
-        "in": len(dialogues),
+        "in": len(dialogues) + len(excluded),
+        "excluded": {
+            "characters": sorted({d.character_id for d in excluded}),
+            "dialogues": len(excluded),
+            "why": "eval suite characters (charactereval) never train" if excluded else "",
+        },
         "seed": seed,
         "grouping": {
             "shared_prefix_turns": int(split_params.get("shared_prefix_turns", 2)),
@@ -369,8 +390,10 @@ def split_dir(params: dict[str, Any]) -> SplitResult:
     src, out = path_of(params, "validated"), path_of(params, "splits")
     characters = load_characters(src / "characters.jsonl")
     dialogues = read_jsonl(src / "dialogues.jsonl", Dialogue)
+    suites = (params.get("eval") or {}).get("suites") or []
+    exclude = charactereval_characters(dialogues) if "charactereval" in suites else set()
     mix = float((params.get("synthesis") or {}).get("mix_ratio", 1.0))
-    res = split_dialogues(dialogues, characters, section(params, "split"), mix_ratio=mix)
+    res = split_dialogues(dialogues, characters, section(params, "split"), exclude, mix_ratio=mix)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:

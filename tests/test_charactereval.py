@@ -203,6 +203,7 @@ def test_parse_scores_is_tolerant_but_strict_on_range_and_coverage():
         "Accuracy": 4,
         "Utterance": 5,
     }
+    assert ce.parse_scores("```json\n{'Empathy': '3/5',}\n```", ["Empathy"]) == {"Empathy": 3}
     for bad in ('{"Accuracy": 0}', '{"Accuracy": 6}', '{"Accuracy": 3.5}', '{"Fluency": 3}', "四分"):
         with pytest.raises(ValueError):
             ce.parse_scores(bad, ["Accuracy"])

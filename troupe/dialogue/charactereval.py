@@ -72,6 +72,7 @@ from troupe.data.importers import (
 )
 from troupe.dialogue.client import AgentClient, EndpointFailed, Unparseable, agent_clients
 from troupe.dialogue.contract import JudgeScore
+from troupe.dialogue.judge import parse_json_answer
 from troupe.stats import Estimate
 
 #: Version of the judge prompt below; recorded in every score (bump when the prompt text changes).
@@ -365,41 +366,24 @@ def judge_messages(item: Item, profile: Any, reply: str) -> list[dict[str, str]]
     return [{"role": "system", "content": _JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
-def parse_json_object(text: str) -> dict[str, Any]:
-    """The first JSON object in ``text`` (code fences and prose around it allowed).
-
-    Raises:
-        ValueError: no JSON object in the text.
-    """
-    dec = json.JSONDecoder()
-    for pos, ch in enumerate(text):
-        if ch == "{":
-            try:
-                obj, _ = dec.raw_decode(text, pos)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    raise ValueError(f"no JSON object in the answer: {text[:120]!r}")
-
-
 def parse_scores(text: str, metrics: Sequence[str]) -> dict[str, int]:
     """``{metric: score}`` for exactly ``metrics`` from the judge's answer.
 
-    Tolerant: a JSON object anywhere in the text; keys by the English name (any case) or the zh name;
-    values as integers, integral floats or digit strings ("4", "4分").
+    Tolerant: the JSON object as :func:`troupe.dialogue.judge.parse_json_answer` reads it (code
+    fences, prose, single quotes, full-width digits...); keys by the English name (any case) or the zh
+    name; values as integers, integral floats or strings ("4", "4分", "4/5").
 
     Raises:
         ValueError: no JSON object, a metric missing, or a score that is not an integer in 1-5
             (:meth:`AgentClient.ask` asks again on it).
     """
-    obj = parse_json_object(text)
+    obj = parse_json_answer(text)
     norm = {str(k).strip().lower(): v for k, v in obj.items()}
     out: dict[str, int] = {}
     for m in metrics:
         v = norm.get(m.lower(), norm.get(METRICS[m][0]))
         if isinstance(v, str):
-            digits = v.strip().rstrip("分").strip()
+            digits = v.split("/")[0].strip().rstrip("分").strip()
             v = int(digits) if digits.isdigit() else v
         if isinstance(v, float) and v.is_integer():
             v = int(v)

@@ -542,9 +542,10 @@ def plot_summary(summary: dict[str, dict[str, Estimate]], path: Path, title: str
         lo, hi = (e.value, e.value) if math.isnan(e.lo) else (e.lo, e.hi)
         err = [[max(e.value - lo, 0)], [max(hi - e.value, 0)]]
         ax.barh(y, e.value - SCALE[0], left=SCALE[0], xerr=err, color=colors[kind], capsize=2)
-        ax.text(SCALE[1] + 0.05, y, f"{e.value:.2f} n={e.n}", va="center", fontsize=7)
+        note = " (1 scene: no interval)" if math.isnan(e.lo) else ""
+        ax.text(SCALE[1] + 0.05, y, f"{e.value:.2f} n={e.n}{note}", va="center", fontsize=7)
     ax.set_yticks(ys, [("    " if r[2] == "metric" else "") + r[0] for r in rows], fontsize=8)  # no CJK font
-    ax.set_xlim(SCALE[0], SCALE[1] + 0.9)
+    ax.set_xlim(SCALE[0], SCALE[1] + 1.4)
     ax.set_xlabel("mean score (1-5), 95% bootstrap interval over scenes")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()

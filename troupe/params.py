@@ -364,6 +364,7 @@ class CharacterEvalSuite(_Section):
     seed: int = Field(0, description="item sampling seed")
     model: Literal["base", "sft", "dpo"] = Field("dpo", description="model that generates the next lines")
     max_new_tokens: int = Field(64, ge=1, description="max tokens of each generated line")
+    concurrency: int = Field(8, ge=1, description="judge calls in flight at once")
 
 
 class Feedback(_Section):

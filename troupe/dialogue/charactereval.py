@@ -111,7 +111,7 @@ CE_DIMENSIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 DIMENSION_OF = {m: d for d, (_, ms) in CE_DIMENSIONS.items() for m in ms}
 MODEL_PATH_KEYS = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
-#: judge calls in flight at once (``charactereval.concurrency`` when the params carry one)
+#: judge calls in flight at once by default (params ``charactereval.concurrency``)
 JUDGE_CONCURRENCY = 8
 NOT_COMPARABLE = (
     "These figures are NOT comparable with the CharacterEval / CharacterRM leaderboard: the official "

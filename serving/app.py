@@ -43,6 +43,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 import traceback
 import uuid
@@ -432,7 +433,9 @@ class Router:
         )
         self.require_key = bool(gw.get("require_api_key", False))
         self.cps = float(gw.get("typing_chars_per_sec", 4.0))
-        self.feedback_db_url = str(cfg.get(contract.FEEDBACK_DB_URL) or "")
+        self.feedback_db_url = str(
+            cfg.get(contract.FEEDBACK_DB_URL) or os.environ.get(contract.FEEDBACK_DB_URL_ENV, "")
+        )
         self._feedback_store: Any = None  # troupe.feedback.store.Store, opened on first use
         self.catalogue: dict[str, Any] = {}
         self._load_characters(str(cfg.get(contract.CATALOGUE_URI) or ""))

@@ -229,8 +229,11 @@ class StreamDelta:
 # -- production feedback (``POST <prefix>/v1/feedback``; :mod:`troupe.feedback.store` keeps it) -------
 FEEDBACK_ENDPOINT = "/v1/feedback"
 #: Application arg: SQLAlchemy URL of the preference store (``params.feedback.db_url``; SQLite
-#: locally, PostgreSQL in production). Empty = the endpoint answers 501 naming this arg.
+#: locally, PostgreSQL in production). Empty = the URL in env :data:`FEEDBACK_DB_URL_ENV` (the serving
+#: chart sets it from a Secret, so database credentials never appear in serveConfigV2); neither = the
+#: endpoint answers 501 naming this arg.
 FEEDBACK_DB_URL = "feedback_db_url"
+FEEDBACK_DB_URL_ENV = "TROUPE_FEEDBACK_DB_URL"
 FEEDBACK_RATINGS = ("up", "down")
 FEEDBACK_MAX_CONTEXT_MESSAGES = 200
 

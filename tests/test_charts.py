@@ -371,3 +371,26 @@ def test_catalogue_and_rate_limit_values_reach_the_app() -> None:
     assert (
         contract.CATALOGUE_URI not in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
     )
+
+
+def test_feedback_store_url_reaches_the_router_from_a_secret_only() -> None:
+    """``app.feedback.existingSecret`` puts the preference store's URL into every Ray container's env as
+    ``TROUPE_FEEDBACK_DB_URL`` (the Router reads it when ``feedback_db_url`` is not an arg); the URL
+    never appears in serveConfigV2. Off by default: no env, so POST /v1/feedback answers 501."""
+    from serving import contract
+
+    def containers(docs: list[dict]) -> list[dict]:
+        (rs,) = [d for d in docs if d["kind"] == "RayService"]
+        spec = rs["spec"]["rayClusterConfig"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+    over = {"app": {"feedback": {"existingSecret": "troupe-feedback-db", "secretKey": "dsn"}}}
+    docs = render("troupe-serving", merge_values(install_values("troupe-serving", "prod", "nvidia"), over))
+    for c in containers(docs):
+        (env,) = [e for e in c["env"] if e["name"] == contract.FEEDBACK_DB_URL_ENV]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": "troupe-feedback-db", "key": "dsn"}
+    (rs,) = [d for d in docs if d["kind"] == "RayService"]
+    assert contract.FEEDBACK_DB_URL not in rs["spec"]["serveConfigV2"]
+    default = render("troupe-serving", install_values("troupe-serving", "prod", "nvidia"))
+    assert all(e["name"] != contract.FEEDBACK_DB_URL_ENV for c in containers(default) for e in c["env"])

@@ -57,6 +57,11 @@ env:
     value: {{ .Values.app.mlflowTrackingUri | quote }}
   - name: AWS_DEFAULT_REGION
     value: {{ .Values.aws.region | quote }}
+  {{- with .Values.app.feedback.existingSecret }}
+  - name: TROUPE_FEEDBACK_DB_URL
+    valueFrom:
+      secretKeyRef: {name: {{ . | quote }}, key: {{ $.Values.app.feedback.secretKey | quote }}}
+  {{- end }}
 {{- if or .Values.aws.existingSecret .Values.mlflow.existingSecret }}
 envFrom:
   {{- with .Values.aws.existingSecret }}

@@ -18,47 +18,15 @@ and ``troupe data split`` caps the synthetic share of the training split at ``sy
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from troupe.config import path_of, section
-from troupe.contract import Character, ContractError, describe_error
+from troupe.contract import Character
 
 #: Files a synthesis directory holds.
 FILES = ("conversations.jsonl", "failed.jsonl", "characters.jsonl", "summary.json")
-
-
-def read_characters(location: str) -> tuple[dict[str, Character], str]:
-    """Persona cards from a ``characters.jsonl`` path or URI (:mod:`troupe.storage`).
-
-    Returns:
-        ``({id: card}, sha256 hex of the file's bytes)``.
-
-    Raises:
-        ContractError: a missing file, a bad line (``location:line: field ...``) or a duplicate id.
-    """
-    from troupe import storage
-
-    try:
-        data = storage.read_bytes(location)
-    except (OSError, storage.StorageError) as e:
-        raise ContractError(f"{location}: cannot read the characters file ({e})") from e
-    chars: dict[str, Character] = {}
-    for lineno, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            c = Character.model_validate_json(line)
-        except ValidationError as e:
-            raise ContractError(f"{location}:{lineno}: {describe_error(e)}") from e
-        if c.id in chars:
-            raise ContractError(f"{location}:{lineno}: duplicate character id {c.id!r}")
-        chars[c.id] = c
-    return chars, hashlib.sha256(data).hexdigest()
 
 
 def _write_cards(path: Path, used: dict[str, Character]) -> None:
@@ -83,7 +51,7 @@ def synthesize(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     Returns:
         The summary written to ``summary.json``: ``status`` (``disabled`` | ``enabled``) and, when
         enabled, the engine's counts / usage / cost (:func:`troupe.dialogue.engine.run_conversations`)
-        plus ``scenario_file`` ({source, sha256, variables}) and ``characters`` ({source, sha256, count}).
+        plus ``scenario_file`` ({source, sha256, variables}) and ``characters`` ({source, version, count}).
 
     Raises:
         ConfigError: an agent not configured, a bad scenario file, a scenario for an unknown character.
@@ -100,12 +68,14 @@ def synthesize(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         return summary
 
+    from troupe.characters.catalogue import load_catalogue
     from troupe.dialogue.client import agent_clients
     from troupe.dialogue.engine import ENGINE_ROLES, run
     from troupe.dialogue.scenarios import describe, load_spec, sample_scenarios
 
     location = syn.get("characters") or str(section(params, "paths")["catalogue"])
-    characters, digest = read_characters(location)
+    catalogue = load_catalogue(location)  # a characters.jsonl or the catalogue: the same record format
+    characters = catalogue.characters
     spec = load_spec(syn["scenarios"])
     scenarios = sample_scenarios(
         spec,
@@ -123,7 +93,12 @@ def synthesize(params: dict[str, Any], progress: bool = True) -> dict[str, Any]:
         "status": "enabled",
         **summary,
         "scenario_file": describe(spec),
-        "characters": {"source": location, "sha256": digest, "count": len(characters), "played": len(used)},
+        "characters": {
+            "source": location,
+            "version": catalogue.version,
+            "count": len(characters),
+            "played": len(used),
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
     return summary

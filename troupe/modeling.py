@@ -163,3 +163,22 @@ def prepare_cmd(params: dict) -> None:
     """Materialise model.base into paths.base_model (plain HF checkpoint)."""
     m = section(params, "model")
     prepare_base(str(m.get("base", EMBEDDED)), path_of(params, "base_model"), str(m.get("dtype", "float32")))
+
+
+@model_cli.command("merge")
+@click.option(
+    "--adapter",
+    required=True,
+    help="LoRA adapter: a directory, an s3:// URI, a LoRA step's output (its adapter/), or models:/NAME/VERSION",
+)
+@click.option(
+    "--out", "out", required=True, type=click.Path(file_okay=False), help="merged checkpoint directory"
+)
+@click.option("--base", default=None, help="base model path or URI (default: the one the adapter names)")
+def merge_cmd(adapter: str, out: str, base: str | None) -> None:
+    """Merge a LoRA adapter into its base: a full checkpoint that loads with AutoModelForCausalLM."""
+    from troupe.train.lora import merge_adapter
+
+    t0 = time.time()
+    o = merge_adapter(adapter, out, base=base)
+    click.echo(f"[model] merged {adapter} -> {o} ({time.time() - t0:.1f}s)")

@@ -185,6 +185,17 @@ class Train(_Section):
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per device)")
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="DeepSpeed ZeRO stage (0 = plain DDP)")
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full parameters | lora (PEFT adapters on a frozen base) | qlora (LoRA on a 4-bit base; CUDA GPU only)",
+    )
+    lora_r: int = Field(16, ge=1, description="LoRA rank r (adapter matrices A: r x d_in, B: d_out x r)")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling alpha (update scaled by alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    lora_target_modules: str | list[str] = Field(
+        "all-linear",
+        description="modules given adapters: all-linear (every Linear but the output layer) or module names",
+    )
     offload: Literal[False, True, "optimizer", "all"] = Field(
         False, description="ZeRO offload to CPU: false | optimizer (true) | all (optimizer + params, stage 3)"
     )

@@ -793,6 +793,11 @@ def _record(
         else:
             mlflow.log_artifacts(str(model_loc), artifact_path="model")
             source = f"{run.info.artifact_uri}/model"
+        from troupe.train.lora import log_adapter
+
+        adapter_tags = log_adapter(str(model_loc), run.info.artifact_uri)  # LoRA: adapter/ + base URI
+        if adapter_tags:
+            mlflow.set_tags(adapter_tags)
         mlflow.log_text(chars_text, contract.CHARACTERS_FILE)
         all_metrics = {
             m: {s: {k: e.to_dict() for k, e in ms.items()} for s, ms in splits.items()}
@@ -811,6 +816,7 @@ def _record(
             contract.CHARACTERS_URI_TAG: f"{run.info.artifact_uri}/{contract.CHARACTERS_FILE}",
             contract.CHARACTERS_SHA256_TAG: chars_sha,
             "troupe.metrics_uri": f"{run.info.artifact_uri}/metrics.json",
+            **adapter_tags,
         }
         cat_version, cat_uri = catalogue or (
             catalogue_version(chars_text),

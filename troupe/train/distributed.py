@@ -414,7 +414,10 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
     mod = importlib.import_module(f"troupe.train.{cfg['method']}")
     args, trainer_cls = mod.make_trainer_args(cfg, common)
     tok = AutoTokenizer.from_pretrained(cfg["base_model_dir"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_model_dir"])
+    from troupe.train import lora
+
+    # lora/qlora: TRL wraps the model in PEFT adapters (peft_config); qlora loads a 4-bit base
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_model_dir"], **lora.load_kwargs(cfg["train"]))
     attn = training_attention(cfg["train"], padding_free=bool(getattr(args, "padding_free", False)))
     if attn:
         model.set_attn_implementation(attn)
@@ -423,6 +426,7 @@ def build_trainer(cfg: dict[str, Any], common: dict[str, Any]):
         args=args,
         train_dataset=_node_dataset(cfg),
         processing_class=tok,
+        **lora.trainer_kwargs(cfg["train"]),
         callbacks=[
             make_progress_callback(
                 cfg["method"], args.max_steps, cfg.get("mlflow_run_id"), cfg.get("tracking_uri")
@@ -584,8 +588,14 @@ def train_loop(cfg: dict[str, Any]) -> None:
         print(f"[{cfg['method']}] rank {rank} resuming from checkpoint at step {resumed_step}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     local_out = node_scratch(cfg) / "model"
-    trainer.save_model(str(local_out))  # ZeRO-3: every rank gathers, rank 0 writes 16-bit weights
+    from troupe.train import lora
+
+    adapter = lora.uses_adapter(cfg["train"])
+    # ZeRO-3: every rank gathers, rank 0 writes 16-bit weights (LoRA: the adapter, into adapter/)
+    trainer.save_model(str(local_out / lora.ADAPTER_DIR if adapter else local_out))
     if rank == 0:
+        if adapter:
+            lora.finish_adapter_step(local_out, cfg)  # note of the base + merged checkpoint in local_out
         trainer.processing_class.save_pretrained(str(local_out))
         _write_train_log(trainer, result, resumed_step, local_out)
         storage.upload(local_out, cfg["out"])
@@ -640,9 +650,11 @@ def run_training_step(
 
     from troupe import storage
     from troupe.tracking import step_run, tracking_uri
+    from troupe.train.lora import check_method, clear_adapter
     from troupe.train.plots import plot_loss
 
     train = params["train"]
+    check_method(train)  # qlora without a GPU stops here, before any storage or Ray work
     if not storage.is_remote(base_model):
         base_model = str(Path(base_model).resolve())
     if not storage.is_remote(out):
@@ -676,6 +688,7 @@ def run_training_step(
         # their own node, so they must not find the driver's copies even when they share its node
         storage.clear_downloads()
         t0 = time.time()
+        clear_adapter(out)  # a previous LoRA run's adapter/ must not outlive this run's model
         run_on_ray(train_loop, cfg, train, name=name, storage_uri=ckpt_root)
         mlflow.log_metric("wall_s", time.time() - t0)
         log = json.loads(storage.read_text(storage.join(out, "train_log.json")))

@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "rayjob": "troupe.kube.cli:rayjob_cli",
     "params": "troupe.params:params_cli",
     "feedback": "troupe.feedback.cli:feedback",
+    "judge": "troupe.dialogue.judge_cli:judge_cli",
 }
 
 

@@ -126,6 +126,9 @@ DEFAULTS: dict[str, Any] = {
         "batch_wait_timeout_s": 0.02,
         "prefix_cache_tokens": 20480,  # persona-card KV cache, tokens, LRU by character; 0 = off
         "prefix_cache_mb": 0,  # optional upper bound in MiB; 0 = none
+        # LoRA adapters (Character.adapter) loaded at once per replica, LRU; vLLM: max_loras and
+        # Ray Serve LLM's max_num_adapters_per_replica; 0 = no adapters (troupe.adapters)
+        "max_adapters": 4,
         "max_new_tokens": 48,
         "temperature": 0.7,
         "fault": {},
@@ -151,6 +154,10 @@ DEFAULTS: dict[str, Any] = {
         "min_replicas": None,  # None = model.num_replicas (autoscaling bounds of vLLM replicas)
         "max_replicas": None,
         "accelerator_type": None,
+        # multi-LoRA: cloud prefix every Character.adapter lies under (Ray Serve LLM's
+        # dynamic_lora_loading_path; s3://, gs://, abfss:// or azure://); "" = LoRA off
+        "lora_path": "",
+        "max_lora_rank": 16,  # vLLM's max_lora_rank: the largest adapter rank served
     },
 }
 #: Args naming models directly (local dir or ``models:/name/<version>`` / ``models:/name@alias``).
@@ -444,6 +451,7 @@ class Router:
         self.rollback_reason = ""
         self.retry = bool(cfg.get("router", {}).get("retry_on_canary_error", True))
         self.vllm = cfg.get("backend") == "vllm"
+        self.lora_path = str((cfg.get("vllm") or {}).get("lora_path") or "")
         self.stats_window = int(cfg.get("router", {}).get("stats_window", 50000))
         self._stats = stats_actor(contract.app_name(self.env), self.stats_window)
         self.versions: dict[str, str] = {}
@@ -652,6 +660,7 @@ class Router:
             seed=chat.seed,
             cache_key=char.id,
             prefill=prefill,
+            adapter=char.adapter or None,
         )
         return {"character": char, "conversation_id": str(conv), "request": req}
 
@@ -682,7 +691,7 @@ class Router:
     async def _call_model(self, variant: str, req: contract.ModelRequest) -> contract.ModelReply:
         h = self.handles[variant]
         if self.vllm:
-            out = await vllm_chat(h, req, self.served_name)
+            out = await vllm_chat(h, req, self.served_name, lora_path=self.lora_path)
             return dataclasses.replace(out, model_version=self.labels[variant])
         return await h.generate.remote(req)
 

@@ -42,6 +42,9 @@ class TransformersBackend:
             bounds 0 the cache is off).
         max_batch_size: most requests decoded together.
         batch_wait_s: when idle, how long the first request waits for others to prefill with it.
+        max_adapters: LoRA adapters loaded at once on the model (LRU; requests name theirs in
+            :attr:`troupe.generation.GenRequest.adapter`, rows of different adapters share the batch:
+            :mod:`troupe.adapters`); 0 = none.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class TransformersBackend:
         prefix_cache_tokens: int = 0,
         max_batch_size: int = 8,
         batch_wait_s: float = 0.0,
+        max_adapters: int = 0,
     ):
         import torch
 
@@ -66,7 +70,12 @@ class TransformersBackend:
         self.model, self.tok = load_model(model_dir, dtype)
         self.model.to(self.device)
         self.gen = PrefixGenerator(
-            self.model, self.tok, self.device, prefix_cache_bytes, prefix_cache_tokens=prefix_cache_tokens
+            self.model,
+            self.tok,
+            self.device,
+            prefix_cache_bytes,
+            prefix_cache_tokens=prefix_cache_tokens,
+            max_adapters=max_adapters,
         )
         self.cache = self.gen.cache
         self.engine = DecodeEngine(self.gen, max_batch_size, batch_wait_s=batch_wait_s)
@@ -137,10 +146,12 @@ class TransformersBackend:
             self.engine.cancel(handle)
 
     def info(self) -> dict[str, Any]:
-        """Prefix-cache stats (None when off) and decode-loop stats."""
+        """Prefix-cache stats (None when off), decode-loop stats and LoRA adapter stats
+        (:meth:`troupe.adapters.AdapterCache.stats`; None when ``max_adapters`` is 0)."""
         return {
             "prefix_cache": self.cache.stats() if self.cache else None,
             "engine": self.engine.stats(),
+            "adapters": self.gen.adapters.stats() if self.gen.adapters else None,
         }
 
 
@@ -166,7 +177,16 @@ def vllm_engine_config(
         cfg: the ``vllm`` section (+ ``served_model_name``).
         mcfg: the ``model`` section: ``dtype`` (``bfloat16`` on GPU/NPU), ``num_cpus``, ``num_gpus``
             and custom ``resources`` (e.g. ``{"NPU": 1}`` on Ascend, ``accelerator_slot``) per
-            engine worker; ``num_replicas`` is the replica count.
+            engine worker; ``num_replicas`` is the replica count; ``max_adapters`` bounds the LoRA
+            adapters of a replica (default 4).
+
+    Multi-LoRA (``cfg["lora_path"]`` set, an ``s3://``/``gs://``/``abfss://``/``azure://`` prefix):
+    adds Ray Serve LLM's ``lora_config`` (``dynamic_lora_loading_path`` = that prefix,
+    ``max_num_adapters_per_replica`` = ``max_adapters``: Serve's multiplexing loads an adapter on a
+    replica on first use and evicts the least recently used) and vLLM's ``enable_lora``,
+    ``max_loras`` (= ``max_adapters``, adapters in one batch) and ``max_lora_rank``
+    (``cfg["max_lora_rank"]``, default 16). Requests then name ``<served>:<lora id>``
+    (:func:`vllm_lora_model`). Untested here (no GPU, no vLLM): only this dict is unit-tested.
 
     Only builds a dict; :func:`serving.app.build_app` imports ``ray.serve.llm`` (and so vLLM) lazily
     when ``backend: vllm``.
@@ -178,6 +198,15 @@ def vllm_engine_config(
         bundle["GPU"] = float(mcfg["num_gpus"])
     bundle.update({k: float(v) for k, v in (mcfg.get("resources") or {}).items()})
     replicas = int(mcfg.get("num_replicas", 1))
+    lora_path = str(cfg.get("lora_path") or "").rstrip("/")
+    max_adapters = int(mcfg.get("max_adapters", 4))
+    lora: dict[str, Any] = {}
+    if lora_path:
+        if max_adapters < 1:
+            raise ValueError(f"model.max_adapters: {max_adapters} (must be >= 1 with vllm.lora_path set)")
+        lora = dict(
+            lora_config=dict(dynamic_lora_loading_path=lora_path, max_num_adapters_per_replica=max_adapters),
+        )
     return dict(
         model_loading_config=dict(model_id=cfg.get("served_model_name", "troupe"), model_source=source),
         engine_kwargs=dict(
@@ -186,6 +215,13 @@ def vllm_engine_config(
             dtype=mcfg.get("dtype", cfg.get("dtype", "auto")),
             tensor_parallel_size=int(cfg.get("tensor_parallel_size", 1)),
             gpu_memory_utilization=float(cfg.get("gpu_memory_utilization", 0.9)),
+            **(
+                dict(
+                    enable_lora=True, max_loras=max_adapters, max_lora_rank=int(cfg.get("max_lora_rank", 16))
+                )
+                if lora_path
+                else {}
+            ),
         ),
         placement_group_config=dict(bundle_per_worker=bundle),
         deployment_config=dict(
@@ -195,27 +231,66 @@ def vllm_engine_config(
             )
         ),
         accelerator_type=cfg.get("accelerator_type"),
+        **lora,
     )
 
 
+def vllm_lora_model(served_name: str, adapter: str, lora_path: str) -> str:
+    """The ``model`` (and Serve multiplexed model id) of a request for ``adapter`` on Ray Serve LLM:
+    ``<served_name>:<lora id>``, where Ray Serve LLM downloads the adapter from
+    ``<lora_path>/<lora id>`` (its ``base:suffix`` multi-LoRA convention, ``get_lora_id``).
+
+    Args:
+        served_name: the base model's ``model_id`` (``gateway.served_model_name``).
+        adapter: the character's adapter: a URI under ``lora_path``, or a bare id relative to it.
+        lora_path: ``vllm.lora_path`` (the ``dynamic_lora_loading_path``).
+
+    Raises:
+        ValueError: LoRA is off (no ``lora_path``) or the adapter URI lies outside ``lora_path``.
+    """
+    root = lora_path.rstrip("/")
+    if not root:
+        raise ValueError(
+            f"adapter {adapter!r}: the vLLM backend serves adapters only with vllm.lora_path set"
+        )
+    a = adapter.rstrip("/")
+    if "://" in a or a.startswith("/"):
+        if not a.startswith(root + "/"):
+            raise ValueError(f"adapter {adapter!r} is not under vllm.lora_path {root!r}")
+        a = a[len(root) + 1 :]
+    if not a:
+        raise ValueError(f"adapter {adapter!r}: empty LoRA id")
+    return f"{served_name}:{a}"
+
+
 async def vllm_chat(
-    handle: Any, req: ModelRequest, served_name: str, default_max_tokens: int = 256
+    handle: Any, req: ModelRequest, served_name: str, default_max_tokens: int = 256, lora_path: str = ""
 ) -> ModelReply:
     """Call a Ray Serve LLM (vLLM) deployment's ``chat`` with a :class:`ModelRequest`.
 
     Maps ``max_new_tokens`` -> ``max_tokens`` (None = ``default_max_tokens``), ``temperature``
     (None = 0.7), ``top_p``, ``stop``, ``seed``; ``prefill`` becomes a final assistant message
-    continued by vLLM (``continue_final_message``, no generation prompt). Only runs on GPU nodes:
-    ``ray.serve.llm`` (and so vLLM) is imported here, lazily.
+    continued by vLLM (``continue_final_message``, no generation prompt). A request with an
+    ``adapter`` asks for :func:`vllm_lora_model` (``<served>:<lora id>``, ``lora_path`` =
+    ``vllm.lora_path``) and sets it as the call's Serve multiplexed model id, which is how Ray Serve
+    LLM's server picks and loads the adapter. Only runs on GPU nodes: ``ray.serve.llm`` (and so
+    vLLM) is imported here, lazily; untested here (no GPU).
 
     Returns:
         A :class:`ModelReply` with vLLM's finish reason (``stop``/``length``) and usage;
         ``model_version`` is ``served_name`` (the Router knows the replica's label).
 
     Raises:
-        RuntimeError: vLLM answered with an error or nothing.
+        RuntimeError: vLLM answered with an error or nothing. ValueError: an adapter without
+        ``lora_path`` or outside it (:func:`vllm_lora_model`).
     """
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    model = served_name
+    opts: dict[str, Any] = dict(stream=True)
+    if req.adapter:
+        model = vllm_lora_model(served_name, req.adapter, lora_path)
+        opts["multiplexed_model_id"] = model
 
     messages = list(req.messages)
     extra: dict[str, Any] = {}
@@ -223,7 +298,7 @@ async def vllm_chat(
         messages.append({"role": "assistant", "content": req.prefill})
         extra = dict(continue_final_message=True, add_generation_prompt=False)
     kw: dict[str, Any] = dict(
-        model=served_name,
+        model=model,
         messages=messages,
         max_tokens=req.max_new_tokens or default_max_tokens,
         temperature=0.7 if req.temperature is None else req.temperature,
@@ -236,7 +311,7 @@ async def vllm_chat(
         kw["stop"] = list(req.stop)
     if req.seed is not None:
         kw["seed"] = req.seed
-    async for resp in handle.options(stream=True).chat.remote(ChatCompletionRequest(**kw)):
+    async for resp in handle.options(**opts).chat.remote(ChatCompletionRequest(**kw)):
         r = resp[0] if isinstance(resp, list) else resp
         if hasattr(r, "choices"):
             fr = r.choices[0].finish_reason

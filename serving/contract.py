@@ -172,6 +172,11 @@ class ModelRequest:
         cache_key: key of the persona-card KV prefix cache (the character id).
         prefill: assistant text the reply continues (SillyTavern's "continue"); not repeated in the
             reply.
+        adapter: the LoRA adapter the Router resolved from the character
+            (:attr:`troupe.contract.Character.adapter`: a local path or ``s3://`` URI of a PEFT
+            adapter dir); None = the base model. The transformers replica loads it on first use
+            (:mod:`troupe.adapters`); the vLLM backend asks Ray Serve LLM for ``<served>:<lora id>``
+            (:func:`serving.backend.vllm_lora_model`).
     """
 
     messages: list[dict[str, str]]
@@ -182,6 +187,7 @@ class ModelRequest:
     seed: int | None = None
     cache_key: str | None = None
     prefill: str = ""
+    adapter: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -20,6 +20,9 @@ from ray import serve
 from serving.contract import FINISH_LENGTH, FINISH_STOP, ModelReply, ModelRequest, StreamDelta
 from troupe.generation import DEFAULT_PREFIX_CACHE_TOKENS
 
+#: LoRA adapters loaded at once per replica when the ``model`` section does not say (``max_adapters``)
+DEFAULT_MAX_ADAPTERS = 4
+
 if TYPE_CHECKING:
     from troupe.generation import GenRequest, GenResult
 
@@ -62,7 +65,9 @@ class Model:
             ``batch_wait_timeout_s`` (when idle, how long a first request waits for others to prefill
             with it), ``prefix_cache_tokens`` (persona-card KV cache bound in tokens, LRU by character;
             0 with ``prefix_cache_mb`` 0 = off), ``prefix_cache_mb`` (optional upper bound in MiB;
-            0 = none), ``max_new_tokens``/``temperature`` defaults and ``fault``.
+            0 = none), ``max_adapters`` (LoRA adapters loaded at once, LRU, :mod:`troupe.adapters`;
+            0 = requests naming an adapter fail), ``max_new_tokens``/``temperature`` defaults and
+            ``fault``.
 
     ``fault`` (drills and tests): ``error_rate`` in [0, 1] fails that share of requests,
     ``reply`` replaces every generated reply with a fixed string.
@@ -81,6 +86,7 @@ class Model:
             prefix_cache_tokens=int(cfg.get("prefix_cache_tokens", DEFAULT_PREFIX_CACHE_TOKENS)),
             max_batch_size=int(cfg.get("max_batch_size", 8)),
             batch_wait_s=float(cfg.get("batch_wait_timeout_s", 0.02)),
+            max_adapters=int(cfg.get("max_adapters", DEFAULT_MAX_ADAPTERS)),
         )
         self.fault = dict(cfg.get("fault") or {})
         self._rng = random.Random(0)
@@ -118,6 +124,7 @@ class Model:
             stop=tuple(req.stop or ()),
             seed=req.seed,
             prefill=req.prefill or "",
+            adapter=req.adapter or None,
         )
 
     def _maybe_fail(self) -> None:
@@ -218,7 +225,9 @@ class Model:
     def info(self) -> dict[str, Any]:
         """Replica id, model dir, version label, requests served, ``prefix_cache`` (entries, tokens, bytes, their
         bounds, bytes per token, hits/misses/evictions, keys LRU first; None when off), ``engine``
-        (decode steps, running/waiting rows, largest batch, recent batch sizes) and ``last_prompt``.
+        (decode steps, running/waiting rows, largest batch, recent batch sizes), ``adapters``
+        (``loaded`` LoRA adapter URIs least recently used first, ``max_adapters``, ``loads``,
+        ``evictions``, ``peak``; None when ``max_adapters`` is 0) and ``last_prompt``.
 
         ``last_prompt`` describes the last tokenized prompt (None before the first): ``messages``,
         ``role_markers`` (chat-template role-start special tokens in its ids, e.g. ChatML

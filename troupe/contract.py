@@ -53,6 +53,16 @@ class Character(BaseModel):
             :mod:`troupe.characters.cards`: spec, spec_version, the ``data`` fields held by no other
             field incl. ``extensions`` and V3 fields, root fields, the avatar); None for characters
             that were not imported from a card.
+
+    Serving field (:data:`SERVING_FIELDS`; left out of the record while empty, like card fields):
+
+        adapter: local path or ``s3://`` URI of the PEFT LoRA adapter directory this character is
+            served with on the shared base model (multi-LoRA serving, :mod:`troupe.adapters`);
+            several characters naming one URI share it (a per-group adapter). ``""`` = the base
+            model. A field of the card rather than a catalogue-level map, so the catalogue stays one
+            versioned JSONL and a character moves with its adapter. With the vLLM backend the URI
+            must lie under ``vllm.lora_path`` (:func:`serving.backend.vllm_lora_model`). Never in a
+            prompt or a card export.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -72,6 +82,7 @@ class Character(BaseModel):
     character_version: str = ""
     lorebook: dict[str, Any] | None = None
     card: dict[str, Any] | None = None
+    adapter: str = ""
 
     @field_validator("language")
     @classmethod
@@ -84,7 +95,7 @@ class Character(BaseModel):
         # keep the bytes they had before these fields existed (and so their content hashes)
         d = handler(self)
         if isinstance(d, dict):
-            for k in CARD_FIELDS:
+            for k in CARD_FIELDS + SERVING_FIELDS:
                 if k in d and (d[k] is None or d[k] == "" or d[k] == []):
                     del d[k]
         return d
@@ -101,6 +112,9 @@ CARD_FIELDS: tuple[str, ...] = (
     "lorebook",
     "card",
 )
+
+#: Character fields about how a character is served (not from a card), left out while empty.
+SERVING_FIELDS: tuple[str, ...] = ("adapter",)
 
 
 class Message(BaseModel):

@@ -182,6 +182,9 @@ class GenRequest:
             None = draw from the generator of the :meth:`PrefixGenerator.generate` call.
         prefill: assistant text the reply continues (a final assistant message rendered with
             ``continue_final_message=True``); the reply does not repeat it.
+        adapter: path or ``s3://`` URI of the PEFT LoRA adapter this row decodes with (the
+            character's :attr:`troupe.contract.Character.adapter`); None = the base model. Needs a
+            :class:`PrefixGenerator` with ``max_adapters`` > 0 (:mod:`troupe.adapters`).
     """
 
     messages: list[dict[str, str]]
@@ -192,6 +195,15 @@ class GenRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     prefill: str = ""
+    adapter: str | None = None
+
+
+def prefix_key(cache_key: str | None, adapter: str | None) -> str | None:
+    """Prefix-cache key of a request: the character id, plus ``"|" + adapter URI`` when the row
+    decodes with an adapter (the card's KV differs per adapter); None = not cached."""
+    if cache_key is None or not adapter:
+        return cache_key
+    return f"{cache_key}|{adapter}"
 
 
 @dataclass
@@ -347,6 +359,8 @@ class PrefixGenerator:
         prefix_cache_bytes: byte bound of the card KV cache (0 = no byte bound).
         prefix_cache_tokens: token bound of the card KV cache (0 = no token bound). With both 0 there
             is no reuse: every request prefills its card.
+        max_adapters: most LoRA adapters loaded at once on this model (LRU,
+            :class:`troupe.adapters.AdapterCache`); 0 = no adapters (requests naming one fail).
     """
 
     def __init__(
@@ -357,8 +371,11 @@ class PrefixGenerator:
         prefix_cache_bytes: int = 256 << 20,
         *,
         prefix_cache_tokens: int = 0,
+        max_adapters: int = 0,
     ) -> None:
         import torch
+
+        from troupe.adapters import AdapterCache
 
         self.model, self.tok = model, tokenizer
         self.device = torch.device(device)
@@ -370,6 +387,7 @@ class PrefixGenerator:
             if prefix_cache_bytes > 0 or prefix_cache_tokens > 0
             else None
         )
+        self.adapters = AdapterCache(model, max_adapters) if max_adapters > 0 else None
         self._role_ids: set[int] | None = None
         #: shape of the last tokenized prompt (:meth:`note_prompt`); None before the first
         self.last_prompt: dict[str, int] | None = None
@@ -415,24 +433,35 @@ class PrefixGenerator:
         """Token ids of ``text`` (no special tokens added)."""
         return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
 
-    def prefix(self, key: str | None, prefix_text: str) -> tuple[list[int], Any, bool]:
+    def forward(self, adapters: Sequence[str | None], **kwargs: Any) -> Any:
+        """The model's forward over a batch whose row ``i`` decodes with adapter ``adapters[i]``
+        (None = base model; adapters loaded through :attr:`adapters`); the model's output as is."""
+        if self.adapters is None:
+            return self.model(**kwargs)
+        return self.adapters.forward(list(adapters), **kwargs)
+
+    def prefix(
+        self, key: str | None, prefix_text: str, adapter: str | None = None
+    ) -> tuple[list[int], Any, bool]:
         """``(prefix ids, its KV as [(keys, values)] a layer or None, came from the cache)``.
 
-        A miss prefills the prefix alone and stores it; without a cache (or key) the KV is None and
-        the caller prefills the prefix with the rest of the prompt. The returned tensors are shared:
-        read them, never write them.
+        A miss prefills the prefix alone (with ``adapter``, already loaded; None = base model) and
+        stores it under :func:`prefix_key` ``(key, adapter)``; without a cache (or key) the KV is None
+        and the caller prefills the prefix with the rest of the prompt. The returned tensors are
+        shared: read them, never write them.
         """
         import torch
 
         ids = self.ids(prefix_text)
+        key = prefix_key(key, adapter)
         if self.cache is None or key is None or not prefix_text:
             return ids, None, False
         hit = self.cache.get(key, prefix_text)
         if hit is not None:
             return hit[0], hit[1], True
         with torch.no_grad():
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1
+            out = self.forward(
+                [adapter], input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1
             )
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self.cache.put(key, prefix_text, ids, kv, cache_nbytes(kv))
@@ -627,7 +656,10 @@ class DecodeEngine:
                     if not r.cancelled:
                         new.append(r)
             try:
-                self.step(new)
+                later = self.step(new)
+                if later:  # their adapters wait for a free slot (model.max_adapters): first in line
+                    with self._cond:
+                        self._waiting.extendleft(reversed(later))
             except BaseException as e:  # every row of this batch fails; the loop goes on
                 for r in new + self.rows:
                     self._emit(r, "error", e)
@@ -639,14 +671,22 @@ class DecodeEngine:
         for r in requests:
             _check_request(r)
         rows = [self._new_row(r, i, None) for i, r in enumerate(requests)]
-        order = sorted(rows, key=lambda r: (str(r.req.cache_key), r.prefix_text, len(r.p_ids) + len(r.s_ids)))
+        order = sorted(
+            rows,
+            key=lambda r: (
+                str(r.req.cache_key),
+                str(r.req.adapter),
+                r.prefix_text,
+                len(r.p_ids) + len(r.s_ids),
+            ),
+        )
         waiting = deque(order)
         t0, done = time.perf_counter(), 0
         while waiting or self.rows:
             new = []
             while waiting and len(self.rows) + len(new) < self.max_batch_size:
                 new.append(waiting.popleft())
-            self.step(new)
+            waiting.extendleft(reversed(self.step(new)))
             now = sum(1 for r in rows if r.result is not None)
             if desc and now > done and (now // 8 > done // 8 or now == len(rows)):
                 el = time.perf_counter() - t0
@@ -663,6 +703,11 @@ class DecodeEngine:
     def _new_row(self, req: GenRequest, index: int, emit) -> _Row:
         import torch
 
+        if req.adapter and self.pg.adapters is None:
+            raise ValueError(
+                f"GenRequest.adapter: {req.adapter!r}, but this model serves no adapters (model.max_adapters: 0)"
+            )
+
         prefix, suffix = self.pg.texts(req.messages, req.prefill)
         p_ids, s_ids = self.pg.ids(prefix), self.pg.ids(suffix)
         self.pg.note_prompt(len(req.messages), p_ids + s_ids, bool(req.prefill))
@@ -675,18 +720,49 @@ class DecodeEngine:
             )
         return _Row(req, index, p_ids, s_ids, None, False, gen, emit, time.perf_counter(), prefix)
 
-    def step(self, new: Sequence[_Row] = ()) -> None:
-        """Admit ``new`` rows (prefill, first token) and run one decode step over the running batch."""
+    def step(self, new: Sequence[_Row] = ()) -> list[_Row]:
+        """Admit ``new`` rows (prefill, first token) and run one decode step over the running batch.
+
+        Returns the rows not admitted because their LoRA adapter cannot be loaded before running rows
+        free a slot (``max_adapters``, :meth:`troupe.adapters.AdapterCache.acquire`): the caller
+        queues them again, first."""
+        later: list[_Row] = []
         if new:
-            self._admit(list(new))
+            later = self._admit(list(new))
         if self.rows:
             self._decode()
+        return later
 
-    def _admit(self, new: list[_Row]) -> None:
+    def _with_adapters(self, new: list[_Row]) -> tuple[list[_Row], list[_Row]]:
+        """``(rows whose adapter is loaded now, rows to retry later)``; a row whose adapter fails to
+        load gets an error event (raised when it has no ``emit``: :meth:`run`)."""
+        ad = self.pg.adapters
+        if ad is None or not any(r.req.adapter for r in new):
+            return new, []
+        in_use = {r.req.adapter for r in self.rows + new if r.req.adapter}
+        ok, later = [], []
+        for r in new:
+            if not r.req.adapter:
+                ok.append(r)
+                continue
+            try:
+                name = ad.acquire(r.req.adapter, in_use)
+            except Exception as e:
+                if r.emit is None:
+                    raise
+                self._emit(r, "error", e)
+                continue
+            (ok if name is not None else later).append(r)
+        return ok, later
+
+    def _admit(self, new: list[_Row]) -> list[_Row]:
         import torch
 
+        new, later = self._with_adapters(new)
+        if not new:
+            return later
         for r in new:
-            p_ids, kv, cached = self.pg.prefix(r.req.cache_key, r.prefix_text)
+            p_ids, kv, cached = self.pg.prefix(r.req.cache_key, r.prefix_text, r.req.adapter)
             if kv is None:  # no cache: the card is prefilled with the rest of the prompt
                 r.p_ids, r.s_ids, r.kv, r.cached = [], p_ids + r.s_ids, None, False
             else:
@@ -713,7 +789,8 @@ class DecodeEngine:
             past = _dynamic_cache(layers)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            out = self.model(
+            out = self.pg.forward(
+                [r.req.adapter for r in new],
                 input_ids=inp.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=pos[:, lp:].to(self.device),
@@ -731,6 +808,7 @@ class DecodeEngine:
             r.batch_size = max(r.batch_size, size)
         tokens = self._sample(out.logits[:, -1, :], new)
         self._advance(new, tokens)
+        return later
 
     def _decode(self) -> None:
         import torch
@@ -739,7 +817,8 @@ class DecodeEngine:
         self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=torch.long)], dim=1)
         past = _dynamic_cache(self.kv)
         with torch.no_grad():
-            out = self.model(
+            out = self.pg.forward(
+                [r.req.adapter for r in self.rows],
                 input_ids=tok.to(self.device),
                 attention_mask=self.mask.to(self.device),
                 position_ids=self.pos[:, None].to(self.device),

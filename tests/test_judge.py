@@ -222,7 +222,7 @@ def test_bradley_terry_recovers_a_known_ordering_with_covering_intervals():
     assert abs(sum(e.value for e in ratings.values())) < 1e-9  # anchored at mean 0
     for m, e in ratings.items():
         assert e.lo <= true[m] <= e.hi, (m, e)
-        assert e.n == sum(m in c[:2] for c in comps) and e.method == "bootstrap"
+        assert e.n == sum(m in c[:2] for c in comps) and e.method == "parametric-bootstrap"
         assert e.hi - e.lo < 0.8
     ref = judge.bradley_terry(comps, resamples=100, reference="v1")
     assert ref["v1"].value == ref["v1"].lo == ref["v1"].hi == 0.0

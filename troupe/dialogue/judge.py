@@ -916,7 +916,7 @@ def bradley_terry(
     reference: str | None = None,
     prior: float = 1.0,
 ) -> dict[str, Estimate]:
-    """Bradley-Terry ratings of the models in ``comparisons`` with percentile-bootstrap intervals.
+    """Bradley-Terry ratings of the models in ``comparisons`` with parametric-bootstrap intervals.
 
     Model: P(i beats j) = 1 / (1 + exp(r_j - r_i)), r in natural-log units (an Elo difference is
     r * 400 / ln 10). Fitted by Hunter's MM algorithm (Hunter 2004, Ann. Statist. 32:384); a tie counts
@@ -927,11 +927,13 @@ def bradley_terry(
     Args:
         comparisons: ``(model_i, model_j, outcome)``; outcome 1 / ``"a"`` = i wins, 0 / ``"b"`` = j
             wins, 0.5 / ``"tie"``.
-        resamples: bootstrap replicates; each resamples the comparisons with replacement and refits.
+        resamples: bootstrap replicates; each redraws every comparison's outcome (win/loss) from the
+            fitted probabilities and refits (percentile interval; ties in the data are redrawn as
+            wins or losses, which widens the interval slightly: conservative).
         reference: anchor: this model's rating is 0 (interval [0, 0]); None = ratings have mean 0.
 
     Returns:
-        ``{model: Estimate}`` (``n`` = comparisons the model took part in, ``method="bootstrap"``).
+        ``{model: Estimate}`` (``n`` = comparisons the model took part in, ``method="parametric-bootstrap"``).
 
     Raises:
         ValueError: a bad outcome, a model compared with itself, or ``reference`` not among the models.
@@ -954,17 +956,25 @@ def bradley_terry(
     def anchored(r: Any) -> Any:
         return r - r[pos[reference]] if reference is not None else r
 
-    value = anchored(_fit_bt(idx, out, k, prior))
+    fit = _fit_bt(idx, out, k, prior)
+    value = anchored(fit)
+    # parametric bootstrap: each replicate redraws every comparison's outcome from the fitted model
+    # (P(i beats j) = sigmoid(r_i - r_j)) and refits. Resampling the observed outcomes instead gives a
+    # zero-width interval whenever every comparison went the same way (all resamples are identical),
+    # which claims certainty from a handful of comparisons; the MAP fit keeps p < 1, so redraws vary.
+    p_win = 1.0 / (1.0 + np.exp(fit[idx[:, 1]] - fit[idx[:, 0]]))
     rng = np.random.default_rng(seed)
     reps = np.empty((resamples, k))
     for b in range(resamples):
-        pick = rng.integers(0, len(out), len(out))
-        reps[b] = anchored(_fit_bt(idx[pick], out[pick], k, prior))
+        drawn = (rng.random(len(out)) < p_win).astype(float)
+        reps[b] = anchored(_fit_bt(idx, drawn, k, prior))
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(reps, alpha, axis=0), np.quantile(reps, 1 - alpha, axis=0)
     counts = np.bincount(idx.ravel(), minlength=k)
     return {
-        m: Estimate(float(value[i]), int(counts[i]), float(lo[i]), float(hi[i]), confidence, "bootstrap")
+        m: Estimate(
+            float(value[i]), int(counts[i]), float(lo[i]), float(hi[i]), confidence, "parametric-bootstrap"
+        )
         for m, i in pos.items()
     }
 

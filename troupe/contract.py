@@ -266,6 +266,28 @@ def load_characters(path: str | Path) -> dict[str, Character]:
     return chars
 
 
+#: the placeholder card every general-data dialogue names (``Dialogue.meta["general"]``): it exists so the
+#: contract's "every dialogue names a card" holds; it is never rendered (:func:`general_chat`)
+GENERAL_CHARACTER_ID = "general-assistant"
+
+
+def is_general(dialogue: Dialogue) -> bool:
+    """True for general instruction data (a source with ``general: true``): no character, no persona card."""
+    return dialogue.meta.get("general") is True
+
+
+def general_chat(dialogue_messages: list[Message]) -> list[dict[str, str]]:
+    """Chat-template messages of a general-data dialogue: its own turns, no persona card.
+
+    A leading ``system`` turn of the dialogue stays the system message; without one the list starts
+    with the user turn and the tokenizer's chat template adds its own default (SmolLM2 / Qwen2.5 do).
+    The card's role-play rules (reply length, markup, one language) would contradict a general
+    assistant's answers and teach the model to ignore the card, so none is rendered.
+    """
+    out = to_chat(dialogue_messages, "")
+    return out[1:] if not out[0]["content"] else out
+
+
 def to_chat(dialogue_messages: list[Message], system_prompt: str) -> list[dict[str, str]]:
     """Chat-template messages: the rendered persona card as system + user/assistant turns.
 

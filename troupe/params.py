@@ -106,6 +106,11 @@ class Source(_Section):
     parts: list[Literal["train", "dev", "qr_test"]] | None = Field(
         None, description="character100 only: which parts to read (default all)"
     )
+    general: bool | None = Field(
+        None,
+        description="sharegpt/alpaca only: true = general instruction data, trained with no persona card "
+        "(split.general_max_share caps its share)",
+    )
 
 
 def _default_source_sets() -> dict[str, list[Source]]:
@@ -163,6 +168,9 @@ class Split(_Section):
         2,
         ge=1,
         description="dialogues sharing their first k turns (or a prefix, or a source dialogue) split together",
+    )
+    general_max_share: float = Field(
+        0.5, ge=0, le=1, description="max share of general-data tokens in the training split (seeds: <= 1/2)"
     )
 
 
@@ -229,6 +237,9 @@ class Train(_Section):
         None, ge=1, description="KFP pipeline: nodes requested (num_workers = nodes x devices_per_node)"
     )
     devices_per_node: int | None = Field(None, ge=1, description="KFP pipeline: devices per node")
+    sequence_parallel_size: int = Field(
+        1, ge=1, description="DeepSpeed Ulysses sequence parallelism: devices sharing one sequence (1 = off; GPU/NPU)"
+    )
 
 
 class SFT(_Section):
@@ -248,6 +259,13 @@ class SFT(_Section):
     )
     packing: bool = Field(True, description="pack dialogues into full rows (padding-free, varlen attention)")
     seed: int = Field(17, description="training seed (also samples DPO pair contexts)")
+    mask_history: bool = Field(False, description="loss on the last character turn of each dialogue only")
+    neftune_noise_alpha: float = Field(
+        0.0, ge=0, description="NEFTune: uniform noise on input embeddings, alpha/sqrt(L*d) (0 = off)"
+    )
+    group_by_length: bool = Field(
+        False, description="batch rows of similar length (less padding; moot with packing)"
+    )
 
 
 class Pairs(_Section):
@@ -261,6 +279,9 @@ class Pairs(_Section):
     max_new_tokens: int = Field(48, ge=1, description="max tokens of a sampled reply")
     temperature: float = Field(0.9, ge=0, description="sampling temperature")
     max_pairs: int = Field(32, ge=1, description="max preference pairs built")
+    turns: Literal["all", "last"] = Field(
+        "all", description="pairs at every character turn (full history before it) | the last turn only"
+    )
 
 
 class DPO(_Section):

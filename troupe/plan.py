@@ -25,6 +25,12 @@
   s×s score matrices, which removes the ``5as²b`` term exactly as the paper's selective recomputation
   (§4.2) does. With full activation checkpointing only the input of each layer is kept (``2sbhL``,
   §4.1) plus one layer's activations while it is recomputed in the backward pass.
+- **sequence parallelism** (DeepSpeed Ulysses, Jacobs et al. 2023, arXiv:2309.14509, §3): with degree
+  ``sp`` each device of an SP group holds ``s/sp`` tokens of every activation outside attention and
+  ``a/sp`` heads of the full sequence inside it (the all-to-all swaps the two), so every term above,
+  ``5as²b`` and the logits included, is divided by ``sp``. Model states are unchanged (ZeRO partitions
+  over all ``Nd`` devices); an optimizer step sees ``Nd/sp`` sequences per micro-step. ``sp`` must
+  divide ``Nd`` and the attention heads (and the KV heads divide ``sp`` or ``sp`` them).
 - **step time** at a stated model-FLOPs utilisation: training costs ``6*N*tokens`` FLOPs (Kaplan et
   al. 2020, arXiv:2001.08361 §2.1; the MFU definition of Chowdhery et al. 2022, PaLM, arXiv:2204.02311
   App. B excludes recomputation), divided by ``devices * peak bf16 FLOP/s * MFU``.
@@ -157,6 +163,8 @@ class PlanInput:
         headroom: fraction of device memory kept free (CUDA/CANN context, comm buffers, fragmentation).
         fp32_grads: count DeepSpeed's fp32 gradients (4 bytes/param / Nd; 2 at ZeRO-3, as its estimator).
         host_buffer_factor: DeepSpeed's ``additional_buffer_factor`` for offloaded host memory.
+        sequence_parallel: DeepSpeed Ulysses degree (``train.sequence_parallel_size``; 1 = off): devices
+            sharing one sequence; divides activations by it.
     """
 
     arch: Arch
@@ -178,6 +186,7 @@ class PlanInput:
     headroom: float = 0.1
     fp32_grads: bool = True
     host_buffer_factor: float = 1.5
+    sequence_parallel: int = 1
 
 
 @dataclass
@@ -357,6 +366,16 @@ def make_plan(inp: PlanInput) -> Plan:
             raise ValueError(f"{name} must be >= 1")
     if not 0 < inp.mfu <= 1 or not 0 <= inp.headroom < 1:
         raise ValueError("mfu must be in (0, 1] and headroom in [0, 1)")
+    sp, world = inp.sequence_parallel, inp.nodes * inp.devices_per_node
+    key = "sequence parallel size (--sequence-parallel-size, train.sequence_parallel_size)"
+    if sp < 1 or world % sp:
+        raise ValueError(f"{key} {sp} must be >= 1 and divide the world size {world} (GPUs per SP group)")
+    kv = inp.arch.kv_heads
+    if inp.arch.heads % sp or (kv % sp and sp % kv):
+        raise ValueError(
+            f"{key} {sp} must divide the attention heads ({inp.arch.heads}) and divide or be divided by "
+            f"the KV heads ({kv}) (DeepSpeed Ulysses shards heads)"
+        )
 
     n = inp.params if inp.params is not None else inp.arch.total_params()
     nd = inp.nodes * inp.devices_per_node
@@ -391,11 +410,13 @@ def make_plan(inp: PlanInput) -> Plan:
         seqs = 2 * inp.micro_batch
         notes.append("dpo: chosen+rejected double the sequences per micro-batch; reference model in bf16")
 
-    act = activation_bytes(inp.arch, inp.seq_len, seqs, inp.checkpointing, inp.flash_attention)
+    act = activation_bytes(inp.arch, inp.seq_len, seqs, inp.checkpointing, inp.flash_attention) / sp
+    if sp > 1:
+        notes.append(f"sequence parallel (Ulysses) x{sp}: activations / {sp}, {nd // sp} sequences per step")
 
     dev = DEVICES[device]
     mem = (inp.device_memory_gib if inp.device_memory_gib is not None else dev["memory_gib"]) * GIB
-    tokens = inp.micro_batch * inp.seq_len * nd * inp.grad_accum
+    tokens = inp.micro_batch * inp.seq_len * (nd // sp) * inp.grad_accum
     per_token = 6 * n if inp.method == "sft" else 2 * (6 * n + 2 * n)  # dpo: 2 seqs, policy fwd+bwd, ref fwd
     flops = per_token * tokens
     step = flops / (nd * dev["peak_tflops"] * 1e12 * inp.mfu)
@@ -491,7 +512,13 @@ def render(plan: Plan) -> None:
     if inp.method == "dpo":
         rows.append(("reference model (bf16)", plan.reference_bytes, "2 B/param"))
     rows.append(
-        ("activations", plan.activation_bytes, "Korthikanti 2022" + (", ckpt" if inp.checkpointing else ""))
+        (
+            "activations",
+            plan.activation_bytes,
+            "Korthikanti 2022"
+            + (", ckpt" if inp.checkpointing else "")
+            + (f", / SP {inp.sequence_parallel}" if inp.sequence_parallel > 1 else ""),
+        )
     )
     for name, b, basis in rows:
         t.add_row(name, g(b), basis)
@@ -549,6 +576,14 @@ class DoesNotFit(click.ClickException):
     "--checkpointing/--no-checkpointing", default=True, show_default=True, help="activation checkpointing"
 )
 @click.option("--flash-attention/--no-flash-attention", default=True, show_default=True)
+@click.option(
+    "--sequence-parallel-size",
+    "sequence_parallel",
+    type=int,
+    default=1,
+    show_default=True,
+    help="DeepSpeed Ulysses degree: devices sharing one sequence (train.sequence_parallel_size)",
+)
 @click.option("--accelerator", default="nvidia", show_default=True, help="nvidia | ascend")
 @click.option("--device", default=None, help="h100 | a100 | 910b (default: h100 for nvidia, 910b for ascend)")
 @click.option("--method", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True)

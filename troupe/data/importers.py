@@ -25,6 +25,13 @@ Options shared by sharegpt / alpaca / memotrace: ``character`` (an inline person
 ``language`` (for cards built from a ``system`` turn), ``name`` (source label, default the kind).
 For sharegpt/alpaca without a card option, each distinct ``system`` turn becomes a persona card.
 
+General instruction data (sharegpt / alpaca with ``general: true``; the seeds mixed it in at most half
+of the tokens so the model does not "turn dumb"): such a source is no character. Its dialogues carry
+``meta["general"] = True`` and name the placeholder card :data:`~troupe.contract.GENERAL_CHARACTER_ID`
+(:func:`general_card`, added once); a ``system`` turn stays the dialogue's system message; training
+renders them without any persona card (:func:`troupe.contract.general_chat`). A ``character`` /
+``character_id`` option on a general source is an error.
+
 Accounting: every record read from a source is *seen*; it is either *imported* or reported as an
 error (:class:`~troupe.contract.QuarantineRecord` with file, line, reason and the raw record), so
 ``seen == imported + errors`` holds per source. A missing or non-UTF-8 file stops the import with a
@@ -50,6 +57,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from troupe.contract import (
+    GENERAL_CHARACTER_ID,
     Character,
     ContractError,
     Dialogue,
@@ -251,14 +259,32 @@ _NAME_PATTERNS = (
 )
 
 
+def general_card() -> Character:
+    """The placeholder card general-data dialogues name (never rendered: module docstring)."""
+    return Character(
+        id=GENERAL_CHARACTER_ID,
+        name="Assistant",
+        language="en",
+        profile={"role": "general instruction data (no persona card is rendered in training)"},
+    )
+
+
 class _Cards:
     """Persona cards for sources whose records carry no card of their own."""
 
     def __init__(self, src: dict[str, Any], sink: _Sink, file: str):
         self.src, self.sink, self.file = src, sink, file
         self.card_id: str | None = None
+        self.general = bool(src.get("general"))
         card = src.get("character")
-        if card is not None:
+        if self.general:
+            if card is not None or src.get("character_id"):
+                raise ContractError(
+                    f"data.sources[{src.get('name', src['kind'])}]: general: true takes no character/character_id"
+                )
+            sink.character(general_card(), file, None)
+            self.card_id = GENERAL_CHARACTER_ID
+        elif card is not None:
             try:
                 c = Character.model_validate(card)
             except ValidationError as e:
@@ -279,6 +305,8 @@ class _Cards:
         Raises:
             RecordError: no way to know which character the record belongs to.
         """
+        if self.general:
+            return GENERAL_CHARACTER_ID, False
         if isinstance(record.get("character_id"), str) and record["character_id"]:
             return record["character_id"], False
         if self.card_id:
@@ -371,6 +399,8 @@ def _chat_records(
             rid = rec.get("id")
             did = f"{label}-{rid}" if rid not in (None, "") else f"{label}-{path.stem}-{lineno}"
             d = Dialogue(id=did, character_id=cid, messages=msgs, source=label)
+            if cards.general:
+                d.meta["general"] = True
         except (RecordError, ValidationError) as e:
             sink.error(str(path), lineno, describe_error(e), rec)
             continue
@@ -770,6 +800,8 @@ def import_sources(
     for i, s in enumerate(sources):
         if not isinstance(s, dict) or s.get("kind") not in _IMPORTERS or not s.get("path"):
             raise ContractError(f"data.sources[{i}]: need kind in {', '.join(KINDS)} and a path, got {s!r}")
+        if s.get("general") and s["kind"] not in ("sharegpt", "alpaca"):
+            raise ContractError(f"data.sources[{i}]: general: true is for sharegpt / alpaca, not {s['kind']}")
         src = dict(s)
         p = Path(src["path"])
         src["path"] = str(p if p.is_absolute() else Path(base_dir) / p)

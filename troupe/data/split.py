@@ -12,6 +12,10 @@
 - ``train.jsonl``: the rest (``split.max_train_dialogues`` > 0 caps it);
 - ``train.jsonl`` keeps at most ``synthesis.mix_ratio`` synthetic dialogues (:func:`cap_synthetic`;
   ``report["synthetic"]`` counts what the cap dropped);
+- general instruction data (:func:`troupe.contract.is_general`) is no character: it is never held out
+  (nor counted by ``split.max_train_dialogues`` / the synthetic mix), every such dialogue goes to
+  ``train.jsonl`` and :func:`cap_general` keeps its share of the training *tokens* at most
+  ``split.general_max_share`` (``report["general"]``);
 - both eval files capped at ``split.max_eval_dialogues`` (0 = no cap); every cap is a seeded sample
   spread round-robin over characters, so a capped split keeps as many characters as it can;
 - ``characters.jsonl`` (every card) and ``split_report.json``.
@@ -42,12 +46,13 @@ import math
 import random
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from troupe.config import ConfigError, path_of, section
-from troupe.contract import Character, Dialogue, load_characters, read_jsonl, write_jsonl
+from troupe.contract import Character, Dialogue, is_general, load_characters, read_jsonl, write_jsonl
 
 SPLITS = ("train", "heldout_dialogues", "heldout_characters")
 
@@ -223,12 +228,74 @@ def cap_synthetic(
     return out, report
 
 
+def text_tokens(d: Dialogue) -> int:
+    """A tokenizer-free size of a dialogue: characters of its turns' text (fallback unit ``chars``)."""
+    return sum(len(m.content) for m in d.messages)
+
+
+def cap_general(
+    train: list[Dialogue],
+    max_share: float,
+    rng: random.Random,
+    n_tokens: Callable[[Dialogue], int] = text_tokens,
+    unit: str = "chars",
+) -> tuple[list[Dialogue], dict[str, Any]]:
+    """Keep general-data dialogues (:func:`troupe.contract.is_general`) at most ``max_share`` of the
+    training split's tokens.
+
+    With ``C`` tokens of character dialogues, general dialogues are taken in a seeded order while their
+    tokens ``G`` stay ``<= r * C / (1 - r)`` (so ``G / (C + G) <= r``; a dialogue that would overshoot is
+    skipped and later, smaller ones are still tried; all of them when ``r >= 1``, none when ``r == 0``).
+    DOMAIN.md: general data <= 50 % of the tokens, 1/4 to 1/3 worked. Input order kept.
+
+    Args:
+        train: the training split (character and general dialogues).
+        max_share: ``split.general_max_share`` r in [0, 1].
+        rng: the seeded order of the general dialogues.
+        n_tokens: size of one dialogue (``troupe data split`` uses validate's ``n_tokens``: the rendered
+            dialogue in the base model's tokens).
+        unit: what ``n_tokens`` counts, for the report (``tokens`` | ``chars``).
+
+    Returns:
+        ``(train, report)``; report: ``max_share``, ``unit``, ``character_tokens``,
+        ``general_before_cap``, ``general`` (dialogues kept), ``general_tokens`` (kept),
+        ``dropped_by_max_share`` (dialogues) and ``share`` (general share of the capped split's tokens).
+    """
+    r = float(max_share)
+    general = [d for d in train if is_general(d)]
+    c_tok = sum(n_tokens(d) for d in train if not is_general(d))
+    budget = math.inf if r >= 1.0 else r * c_tok / (1.0 - r) + 1e-9
+    order = list(range(len(general)))
+    rng.shuffle(order)
+    keep: set[int] = set()
+    g_tok = 0
+    for i in order:
+        n = n_tokens(general[i])
+        if g_tok + n <= budget:
+            keep.add(id(general[i]))
+            g_tok += n
+    out = [d for d in train if not is_general(d) or id(d) in keep]
+    report = {
+        "max_share": r,
+        "unit": unit,
+        "character_tokens": c_tok,
+        "general_before_cap": len(general),
+        "general": len(keep),
+        "general_tokens": g_tok,
+        "dropped_by_max_share": len(general) - len(keep),
+        "share": g_tok / (c_tok + g_tok) if c_tok + g_tok else 0.0,
+    }
+    return out, report
+
+
 def split_dialogues(
     dialogues: list[Dialogue],
     characters: dict[str, Character],
     split_params: dict[str, Any],
     exclude_characters: frozenset[str] | set[str] = frozenset(),
     mix_ratio: float = 1.0,
+    n_tokens: Callable[[Dialogue], int] | None = None,
+    token_unit: str = "chars",
 ) -> SplitResult:
     """Split dialogues into train / held-out dialogues / held-out characters (see the module docstring).
 
@@ -248,6 +315,9 @@ def split_dialogues(
             ``report["excluded"]`` (CharacterEval's characters when ``eval.suites`` has it: module docstring).
         mix_ratio: max share of synthetic dialogues in ``train`` (``synthesis.mix_ratio``; 1 = no cap),
             applied after ``max_train_dialogues``; :func:`cap_synthetic`, ``report["synthetic"]``.
+        n_tokens, token_unit: size of a dialogue and its unit for :func:`cap_general`
+            (``split_params["general_max_share"]``, default 0.5; ``report["general"]``); None =
+            :func:`text_tokens` in ``chars``. General dialogues skip the held-out split and the caps above.
 
     Returns:
         :class:`SplitResult`; ``report["grouping"]`` counts groups, dialogues in multi-dialogue groups,
@@ -259,6 +329,13 @@ def split_dialogues(
     """
     excluded = [d for d in dialogues if d.character_id in exclude_characters]
     dialogues = [d for d in dialogues if d.character_id not in exclude_characters]
+    position = {id(d): i for i, d in enumerate(dialogues)}  # input order, to merge general data back
+    general: list[Dialogue] = []
+    for d in dialogues:
+        if is_general(d):
+            general.append(d.model_copy(update={"split": "train"}))
+            position[id(general[-1])] = position[id(d)]
+    dialogues = [d for d in dialogues if not is_general(d)]
     seed = int(split_params.get("seed", 0))
     share = float(split_params.get("heldout_dialogue_share", 0.15))
     if not 0.0 <= share < 1.0:
@@ -323,10 +400,21 @@ def split_dialogues(
     parts: dict[str, list[Dialogue]] = {s: [] for s in SPLITS}
     for d, s in zip(dialogues, label, strict=True):
         parts[s].append(d.model_copy(update={"split": s}))
+        position[id(parts[s][-1])] = position[id(d)]
     before = {s: len(v) for s, v in parts.items()}
+    before["train"] += len(general)
     rng = random.Random(seed)
     parts["train"] = _sample(parts["train"], int(split_params.get("max_train_dialogues", 0)), rng)
     parts["train"], synthetic_mix = cap_synthetic(parts["train"], mix_ratio, random.Random(f"{seed}:mix"))
+    parts["train"], general_mix = cap_general(
+        parts["train"] + general,
+        float(split_params.get("general_max_share", 0.5)),
+        random.Random(f"{seed}:general"),
+        n_tokens or text_tokens,
+        token_unit if n_tokens else "chars",
+    )
+    if general:
+        parts["train"].sort(key=lambda d: position[id(d)])
     max_eval = int(split_params.get("max_eval_dialogues", 0))
     for s in ("heldout_dialogues", "heldout_characters"):
         parts[s] = _sample(parts[s], max_eval, rng)
@@ -336,7 +424,7 @@ def split_dialogues(
 
     sizes = Counter(group)
     report = {
-        "in": len(dialogues) + len(excluded),
+        "in": len(dialogues) + len(general) + len(excluded),
         "excluded": {
             "characters": sorted({d.character_id for d in excluded}),
             "dialogues": len(excluded),
@@ -371,6 +459,7 @@ def split_dialogues(
         "per_character": {s: per_char(v) for s, v in parts.items()},
     }
     report["synthetic"] = synthetic_mix
+    report["general"] = general_mix
     return SplitResult(
         train=parts["train"],
         heldout_dialogues=parts["heldout_dialogues"],
@@ -378,6 +467,20 @@ def split_dialogues(
         heldout_character_ids=held_chars,
         report=report,
     )
+
+
+def validated_tokens(features_csv: Path) -> dict[str, int]:
+    """Dialogue id -> ``n_tokens`` (rendered dialogue, base-model tokens) from validate's ``features.csv``;
+    empty when the file or the column is missing."""
+    import csv
+
+    if not Path(features_csv).is_file():
+        return {}
+    with open(features_csv, encoding="utf-8", newline="") as f:
+        rows = csv.DictReader(f)
+        if not rows.fieldnames or not {"dialogue_id", "n_tokens"} <= set(rows.fieldnames):
+            return {}
+        return {r["dialogue_id"]: int(float(r["n_tokens"] or 0)) for r in rows}
 
 
 def split_dir(params: dict[str, Any]) -> SplitResult:
@@ -393,7 +496,17 @@ def split_dir(params: dict[str, Any]) -> SplitResult:
     suites = (params.get("eval") or {}).get("suites") or []
     exclude = charactereval_characters(dialogues) if "charactereval" in suites else set()
     mix = float((params.get("synthesis") or {}).get("mix_ratio", 1.0))
-    res = split_dialogues(dialogues, characters, section(params, "split"), exclude, mix_ratio=mix)
+    sizes = validated_tokens(src / "features.csv")
+    have = all(d.id in sizes for d in dialogues if is_general(d)) and bool(sizes)
+    res = split_dialogues(
+        dialogues,
+        characters,
+        section(params, "split"),
+        exclude,
+        mix_ratio=mix,
+        n_tokens=(lambda d: sizes.get(d.id, text_tokens(d))) if have else None,
+        token_unit="tokens" if have else "chars",
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for s in SPLITS:

@@ -18,6 +18,12 @@ Per-reply rules (:func:`reply_violations`: non-empty, markup parses, language, s
 personal data) are the ones the suite applies per dialogue; DPO pair building checks chosen replies with
 the same function.
 
+General instruction data (:func:`troupe.contract.is_general`, a source with ``general: true``) is no
+character: the rules about a character's replies (language share, reply markup, stage directions,
+which Markdown ``*emphasis*`` would trip, and ``data.max_dialogues_per_character``) do not apply to it;
+role order, empty turns, length (rendered without a card, :func:`troupe.contract.general_chat`),
+personal data and duplicates do. ``split.general_max_share`` bounds its share of training instead.
+
 The quarantine decision is read from the GX validation results (each expectation's ``meta.reason``
 names its reason code); the Python code only computes features. Counts are conserved:
 ``in == accepted + quarantined``.
@@ -52,6 +58,8 @@ from troupe.contract import (
     Dialogue,
     Message,
     QuarantineRecord,
+    general_chat,
+    is_general,
     load_characters,
     read_jsonl,
     to_chat,
@@ -524,7 +532,7 @@ def build_features(
         if any(_PII_SCREEN.search(m.content) for m in d.messages):
             d, pii_found = _rewrite_turns(d, lambda m: scrub_pii(m.content), apply=pii == "scrub")
         before_strip.append(d)
-        if stage_directions == "strip":
+        if stage_directions == "strip" and not is_general(d):
             d, stripped = _rewrite_turns(
                 d, lambda m: strip_stage_directions(m.content) if m.role == "assistant" else (m.content, 0)
             )
@@ -532,13 +540,14 @@ def build_features(
         counts.append((pii_found, stripped))
         feats = [reply_features(m.content) for m in d.messages if m.role == "assistant"]
         turn_feats.append(feats)
-        detected[d.character_id].extend(f.language for f in feats)
+        if not is_general(d):
+            detected[d.character_id].extend(f.language for f in feats)
     languages = {cid: language_vote(c.language, detected.get(cid, [])) for cid, c in characters.items()}
     cards = {cid: c.model_copy(update={"language": languages[cid].language}) for cid, c in characters.items()}
     prompts = {cid: render_system_prompt(c) for cid, c in cards.items()}
     rows: list[dict[str, Any]] = []
     convs: list[list[dict[str, str]]] = []
-    conv_cards: list[str] = []
+    conv_cards: list[str | None] = []
     conv_rows: list[int] = []
     for i, (d, feats, (pii_found, stripped)) in enumerate(
         zip(out_dialogues, turn_feats, counts, strict=True)
@@ -547,7 +556,8 @@ def build_features(
         char = cards.get(d.character_id)
         lang = char.language if char else ""
         right, wrong_lang, markup_bad, markup_err, stage = 0, "", 0, "", 0
-        for f in feats:
+        general = is_general(d)  # no character: the per-reply character rules do not apply
+        for f in [] if general else feats:
             if f.markup_errors:
                 markup_bad += 1
                 markup_err = markup_err or f.markup_errors[0]
@@ -573,7 +583,7 @@ def build_features(
                 "n_assistant": len(feats),
                 "empty_turns": sum(1 for m in msgs if not m.content.strip()),
                 "n_tokens": 0,
-                "lang_share": right / len(feats) if feats else 1.0,
+                "lang_share": right / len(feats) if feats and not general else 1.0,
                 "wrong_language": wrong_lang,
                 "markup_errors": markup_bad,
                 "markup_error": markup_err,
@@ -584,8 +594,8 @@ def build_features(
             }
         )
         if char is not None:
-            convs.append(to_chat(msgs, prompts[d.character_id]))
-            conv_cards.append(prompts[d.character_id])
+            convs.append(general_chat(msgs) if general else to_chat(msgs, prompts[d.character_id]))
+            conv_cards.append(None if general else prompts[d.character_id])
             conv_rows.append(i)
     for i, n in zip(conv_rows, token_lengths(tokenizer, convs, conv_cards), strict=True):
         rows[i]["n_tokens"] = n
@@ -880,6 +890,8 @@ def validate_records(
     # per-character rank among the dialogues that passed every other rule (0 for rejected ones)
     ok = np.ones(len(df), dtype=bool)
     ok[list(reasons)] = False
+    # general data has no per-character cap
+    ok &= np.array([not is_general(d) for d in feats.dialogues], dtype=bool)
     rank = df["character_id"].where(ok).groupby(df["character_id"].where(ok)).cumcount() + 1
     df["cap_rank"] = np.where(ok, rank.reindex(df.index, fill_value=0), 0).astype(int)
     for reason, idx in gxr.run(_cap_suite(gxr.gx, gxr.gxe, rules), df).items():

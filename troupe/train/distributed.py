@@ -125,6 +125,49 @@ def training_args_common(train: dict[str, Any]) -> dict[str, Any]:
     return kw
 
 
+def sequence_parallel_config(train: dict[str, Any], method: str) -> Any | None:
+    """Accelerate's ``ParallelismConfig`` for ``train.sequence_parallel_size`` > 1, else None.
+
+    DeepSpeed Ulysses (Jacobs et al. 2023, "DeepSpeed Ulysses", arXiv:2309.14509; ALST in DeepSpeed
+    0.18+): each of ``sp`` ranks holds ``1/sp`` of every sequence and all-to-alls swap sequence shards
+    for head shards around attention, so activations per device shrink ~``sp`` times. transformers 5
+    takes it as ``TrainingArguments(parallelism_config=ParallelismConfig(sp_size=sp,
+    sp_backend="deepspeed"))``; accelerate wraps the attention (``UlyssesSPAttentionHF``, over sdpa or
+    flash_attention_2) and the data loader, and TRL's SFTTrainer reduces the loss across the group.
+
+    Raises:
+        ConfigError (naming ``train.sequence_parallel_size``): ``train.accelerator`` cpu (Troupe does not
+            run Ulysses on CPU/gloo: accelerate's Ulysses path is built for GPU/NPU kernels and is not
+            tested here), ``method`` dpo (TRL's DPOTrainer computes its own loss and does not gather it
+            over sequence shards), ``train.zero_stage`` 0 (Ulysses runs inside the DeepSpeed engine), or
+            ``train.num_workers`` not a multiple of the degree.
+    """
+    sp = int(train.get("sequence_parallel_size", 1) or 1)
+    if sp == 1:
+        return None
+    key = f"train.sequence_parallel_size={sp}"
+    if sp < 1:
+        raise ConfigError(f"{key}: must be >= 1")
+    if train.get("accelerator", "cpu") == "cpu":
+        raise ConfigError(
+            f"{key}: DeepSpeed Ulysses is not run on CPU/gloo here (accelerate's Ulysses attention is for "
+            "GPU/NPU kernels); set it to 1, or train.accelerator to nvidia or ascend"
+        )
+    if method != "sft":
+        raise ConfigError(f"{key}: only SFT supports sequence parallelism (TRL's DPOTrainer does not); use 1")
+    if int(train.get("zero_stage", 3)) == 0:
+        raise ConfigError(f"{key}: Ulysses runs inside DeepSpeed; needs train.zero_stage 1, 2 or 3")
+    workers = int(train.get("num_workers", 1))
+    if workers % sp:
+        raise ConfigError(f"{key}: must divide train.num_workers={workers} (ranks per sequence group)")
+    from accelerate import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    attn = "flash_attention_2" if train.get("attn_implementation") == "flash_attention_2" else "sdpa"
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation=attn)
+    return ParallelismConfig(sp_size=sp, sp_backend="deepspeed", sp_handler=handler)
+
+
 def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
     """Whether to recompute activations: ``train.gradient_checkpointing`` true/false as given; ``auto``
     asks the memory plan (:func:`troupe.plan.needs_checkpointing`) for this model (its ``config.json``),
@@ -150,6 +193,7 @@ def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
         accelerator=str(train["accelerator"]),
         method=cfg["method"],
         checkpointing=False,
+        sequence_parallel=int(train.get("sequence_parallel_size", 1) or 1),
     )
     return needs_checkpointing(inp)
 
@@ -582,6 +626,9 @@ def train_loop(cfg: dict[str, Any]) -> None:
     join_deepspeed(cfg["train"])
     common = training_args_common(cfg["train"])
     common["gradient_checkpointing"] = gradient_checkpointing(cfg)
+    sp = sequence_parallel_config(cfg["train"], cfg["method"])
+    if sp is not None:
+        common["parallelism_config"] = sp
     trainer = build_trainer(cfg, common)
     resume, resumed_step = _resume_dir(cfg, rank)
     if resume:
@@ -660,6 +707,7 @@ def run_training_step(
     if not storage.is_remote(out):
         out = str(Path(out).resolve())
     storage.check_readable(base_model, base_model_setting, kind="dir")
+    sequence_parallel_config(train, method)  # an unsupported Ulysses setting stops before Ray starts
     name = run_identity(params, method)
     ckpt_root = checkpoint_storage(train, out)
     with step_run(params, method, (method, "train", "data", "model")) as run:

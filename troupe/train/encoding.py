@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from troupe.contract import Character, Dialogue, Message, to_chat
+from troupe.contract import Character, Dialogue, Message, general_chat, is_general, to_chat
 from troupe.persona import render_system_prompt
 
 
@@ -34,20 +34,39 @@ def chat_messages(dialogue: Dialogue | list[Message], character: Character) -> l
 
 
 def encode_dialogue(
-    tokenizer, dialogue: Dialogue, character: Character, cutoff_len: int | None = None
+    tokenizer,
+    dialogue: Dialogue,
+    character: Character | None,
+    cutoff_len: int | None = None,
+    *,
+    mask_history: bool = False,
 ) -> Encoded:
     """Tokenize one dialogue for SFT.
 
     Args:
         tokenizer: a fast HF tokenizer with a chat template.
         dialogue: the dialogue (assistant turns are the character's).
-        character: its persona card.
+        character: its persona card; ignored (may be None) for general data
+            (:func:`troupe.contract.is_general`), which is rendered without a card
+            (:func:`troupe.contract.general_chat`).
         cutoff_len: keep at most this many tokens from the start (LLaMA-Factory ``cutoff_len``); None = all.
+        mask_history: loss on the last assistant turn only, earlier turns are context (LLaMA-Factory's
+            ``mask_history``, ``sft.mask_history``); if ``cutoff_len`` cuts into that turn, only its
+            kept tokens carry loss, and none when it is cut off entirely.
 
     Returns:
-        :class:`Encoded`; ``assistant_masks`` is 1 exactly on assistant content + end-of-turn tokens.
+        :class:`Encoded`; ``assistant_masks`` is 1 exactly on assistant content + end-of-turn tokens
+        (of the last assistant turn only with ``mask_history``).
+
+    Raises:
+        ValueError: a character dialogue with ``character=None``.
     """
-    chat = chat_messages(dialogue, character)
+    if is_general(dialogue):
+        chat = general_chat(dialogue.messages)
+    elif character is None:
+        raise ValueError(f"dialogue {dialogue.id}: a character dialogue needs its persona card")
+    else:
+        chat = chat_messages(dialogue, character)
     full = tokenizer.apply_chat_template(chat, tokenize=False)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(chat):
@@ -56,6 +75,8 @@ def encode_dialogue(
         start = len(tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True))
         end = len(tokenizer.apply_chat_template(chat[: i + 1], tokenize=False))
         spans.append((start, end))
+    if mask_history:
+        spans = spans[-1:]
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [0] * len(ids)

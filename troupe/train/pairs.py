@@ -5,6 +5,13 @@ turn (the reference character reply) is the *chosen* reply. Contexts are walked 
 until ``pairs.max_pairs`` of them have a chosen reply that passes the rules; the ones walked over are
 the prompts.
 
+Turns (``pairs.turns``): ``all`` (default) makes a context of every character turn that follows a
+user turn, with the dialogue's whole history before it (multi-turn DPO: the pair is trained at that
+turn, conditioned on everything said so far); the seeded shuffle spreads ``max_pairs`` over dialogues
+and turns, each context equally likely (so a dialogue's share grows with its character turns).
+``last`` keeps only each dialogue's last such turn (one pair per dialogue at most). General-data
+dialogues (:func:`troupe.contract.is_general`) have no character and give no contexts.
+
 Chosen: the reference reply must pass the rules accepted data is held to, through the one
 implementation of them, :func:`troupe.data.validate.reply_violations` (non-empty, markup, the
 character's language, personal data, stage directions), with stage directions always counted as broken
@@ -45,6 +52,7 @@ from troupe.contract import (
     Message,
     PreferencePair,
     QuarantineRecord,
+    is_general,
     load_characters,
     read_jsonl,
     write_jsonl,
@@ -73,14 +81,31 @@ class Context:
         return f"{self.dialogue.id}#{len(self.messages)}"
 
 
-def contexts(dialogues: list[Dialogue], seed: int) -> list[Context]:
-    """Every (context, reference reply) of ``dialogues``, one per assistant turn that follows a user
-    turn, in a seeded random order (same dialogues + seed -> same order)."""
+def contexts(dialogues: list[Dialogue], seed: int, turns: str = "all") -> list[Context]:
+    """(context, reference reply) pairs of ``dialogues`` in a seeded random order (same dialogues +
+    seed -> same order).
+
+    Args:
+        dialogues: training dialogues; general-data ones are skipped (no character to prefer).
+        seed: shuffle seed.
+        turns: ``all``: one context per assistant turn that follows a user turn, its messages the
+            whole history before that turn; ``last``: only the last such turn of each dialogue.
+
+    Raises:
+        ConfigError: ``turns`` not all | last (names ``pairs.turns``).
+    """
+    if turns not in ("all", "last"):
+        raise ConfigError(f"pairs.turns={turns!r}: expected all or last")
     out = []
     for n, d in enumerate(dialogues, start=1):
-        for i, m in enumerate(d.messages):
-            if m.role == "assistant" and i > 0 and d.messages[i - 1].role == "user":
-                out.append(Context(d, d.messages[:i], m.content, n))
+        if is_general(d):
+            continue
+        own = [
+            Context(d, d.messages[:i], m.content, n)
+            for i, m in enumerate(d.messages)
+            if m.role == "assistant" and i > 0 and d.messages[i - 1].role == "user"
+        ]
+        out += own[-1:] if turns == "last" else own
     random.Random(seed).shuffle(out)
     return out
 
@@ -263,8 +288,8 @@ def build_pairs(params: dict[str, Any]) -> str:
 
     Reads ``paths.splits`` (train.jsonl, characters.jsonl), ``paths.sft_model`` and ``paths.base_model``;
     each a local path or a URI (:mod:`troupe.storage`). Params: ``pairs.max_pairs``,
-    ``pairs.samples_per_prompt``, ``pairs.max_new_tokens``, ``pairs.temperature``; ``sft.seed`` orders
-    the contexts.
+    ``pairs.samples_per_prompt``, ``pairs.max_new_tokens``, ``pairs.temperature``, ``pairs.turns``;
+    ``sft.seed`` orders the contexts.
 
     Raises:
         ContractError: missing / malformed split files. ConfigError: bad ``pairs`` params.
@@ -288,7 +313,11 @@ def _build_pairs(params: dict[str, Any], out: Path) -> dict[str, Any]:
     splits = storage.local_copy(paths["splits"], what="paths.splits")
     chars = load_characters(splits / "characters.jsonl")
     train_file = splits / "train.jsonl"
-    ctx = contexts(read_jsonl(train_file, Dialogue), int(params.get("sft", {}).get("seed", 17)))
+    ctx = contexts(
+        read_jsonl(train_file, Dialogue),
+        int(params.get("sft", {}).get("seed", 17)),
+        str(cfg.get("turns", "all")),
+    )
     prompts, chosen_bad, walked = select_prompts(ctx, chars, int(cfg.get("max_pairs", 32)), str(train_file))
     max_new, temperature = int(cfg.get("max_new_tokens", 48)), float(cfg.get("temperature", 0.9))
 

@@ -15,17 +15,21 @@ from troupe.config import ConfigError, section
 from troupe.contract import Dialogue, load_characters, read_jsonl
 
 
-def build_sft_examples(splits_dir: Path, tokenizer, cutoff_len: int) -> list[dict[str, list[int]]]:
+def build_sft_examples(
+    splits_dir: Path, tokenizer, cutoff_len: int, *, mask_history: bool = False
+) -> list[dict[str, list[int]]]:
     """Tokenized SFT examples ``{"input_ids", "assistant_masks"}`` for ``train.jsonl``.
 
     Dialogues whose assistant tokens all fall beyond ``cutoff_len`` are dropped (nothing to learn).
+    ``mask_history`` (``sft.mask_history``): loss on each dialogue's last character turn only.
+    General-data dialogues are rendered without a persona card (:func:`troupe.contract.general_chat`).
     """
     from troupe.train.encoding import encode_dialogue
 
     chars = load_characters(splits_dir / "characters.jsonl")
     out = []
     for d in read_jsonl(splits_dir / "train.jsonl", Dialogue):
-        e = encode_dialogue(tokenizer, d, chars[d.character_id], cutoff_len)
+        e = encode_dialogue(tokenizer, d, chars.get(d.character_id), cutoff_len, mask_history=mask_history)
         if e.n_loss_tokens:
             out.append({"input_ids": e.input_ids, "assistant_masks": e.assistant_masks})
     return out
@@ -52,6 +56,11 @@ def make_trainer_args(cfg: dict[str, Any], common: dict[str, Any]):
         packing_strategy="bfd",
         padding_free=packing,
         seed=int(hp.get("seed", 17)),
+        # NEFTune (Jain et al. 2023, arXiv:2310.05914): None = off in transformers
+        neftune_noise_alpha=float(hp.get("neftune_noise_alpha") or 0.0) or None,
+        # transformers 5 spells group_by_length as a sampling strategy (LengthGroupedSampler); with
+        # packing every row is ~max_length long, so it changes nothing there
+        train_sampling_strategy="group_by_length" if hp.get("group_by_length") else "random",
         **common,
     )
     return args, SFTTrainer
@@ -80,7 +89,12 @@ def train_sft(params: dict[str, Any]) -> str:
     storage.check_readable(base, "paths.base_model", kind="dir")
     splits = storage.local_copy(paths["splits"], what="paths.splits")
     tok = AutoTokenizer.from_pretrained(str(storage.local_copy(base, what="paths.base_model")))
-    examples = build_sft_examples(splits, tok, int(section(params, "data")["cutoff_len"]))
+    examples = build_sft_examples(
+        splits,
+        tok,
+        int(section(params, "data")["cutoff_len"]),
+        mask_history=bool(section(params, "sft").get("mask_history", False)),
+    )
     if not examples:
         raise ConfigError(f"{paths['splits']}/train.jsonl: no trainable dialogues")
     n_tokens = sum(sum(e["assistant_masks"]) for e in examples)

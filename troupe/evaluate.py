@@ -80,7 +80,12 @@ from troupe.markup import has_markup, strip_markup
 from troupe.stats import Estimate
 
 SPLITS = ("heldout_characters", "heldout_dialogues")
-MODEL_PATH_KEYS = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
+MODEL_PATH_KEYS = {
+    "base": "base_model",
+    "sft": "sft_model",
+    "dpo": "dpo_model",
+    "quantized": "quantized_model",  # troupe model quantize (compressed-tensors; troupe.quantize)
+}
 #: per-reply rates (0/1 per item, None where the rule does not apply), summarised with Wilson intervals
 RATE_METRICS = (
     "language_consistency",

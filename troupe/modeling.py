@@ -141,13 +141,26 @@ def prepare_base(base: str, out_dir: str | Path, dtype: str = "float32") -> Path
 
 
 def load_model(path: str | Path, dtype: str = "float32"):
-    """Load ``(model, tokenizer)`` from a checkpoint directory in eval mode (left padding for generation)."""
+    """Load ``(model, tokenizer)`` from a checkpoint directory in eval mode (left padding for generation).
+
+    A compressed-tensors checkpoint (``troupe model quantize``; ``quantization_config.quant_method``
+    ``compressed-tensors`` in config.json) is decompressed on load into float ``Linear`` weights
+    (``CompressedTensorsConfig(dequantize=True)``, needs the ``compressed-tensors`` package): the
+    quantisation error is kept, the int8/int4 kernels (vLLM's, GPU) are not used on CPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = _with_pad(AutoTokenizer.from_pretrained(str(path)))
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    kw: dict[str, Any] = {}
+    cfg_file = Path(path) / "config.json"
+    qc = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    if isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **kw)
     model.eval()
     return model, tok
 
@@ -182,3 +195,43 @@ def merge_cmd(adapter: str, out: str, base: str | None) -> None:
     t0 = time.time()
     o = merge_adapter(adapter, out, base=base)
     click.echo(f"[model] merged {adapter} -> {o} ({time.time() - t0:.1f}s)")
+
+
+@model_cli.command("quantize")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    help="parent checkpoint dir or models:/NAME/VERSION (default: paths.dpo_model)",
+)
+@click.option(
+    "--out",
+    "out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="output dir (default: paths.quantized_model)",
+)
+@click.option(
+    "--scheme", default=None, type=click.Choice(["W8A8", "W8A16", "W4A16"]), help="default: quantize.scheme"
+)
+@click.option(
+    "--calibration",
+    default=None,
+    type=int,
+    help="calibration dialogues (default: quantize.calibration_samples)",
+)
+@step_options
+def quantize_cmd(
+    params: dict, model: str | None, out: str | None, scheme: str | None, calibration: int | None
+) -> None:
+    """GPTQ-quantise a model into a compressed-tensors checkpoint (vLLM; CPU backend), calibrated on
+    the training dialogues; runs llm-compressor in .venv-quantize (troupe.quantize)."""
+    from troupe.quantize import quantize
+
+    quantize(
+        params,
+        model or str(path_of(params, "dpo_model")),
+        out or path_of(params, "quantized_model"),
+        scheme=scheme,
+        calibration=calibration,
+    )

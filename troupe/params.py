@@ -58,6 +58,10 @@ class Paths(_Section):
     sft_model: str = Field("work/models/sft", description="SFT model (HF checkpoint dir)")
     pairs: str = Field("work/pairs", description="DPO preference pairs")
     dpo_model: str = Field("work/models/dpo", description="DPO model (HF checkpoint dir)")
+    quantized_model: str = Field(
+        "work/models/quantized",
+        description="troupe model quantize: GPTQ compressed-tensors checkpoint + quantize.json (eval.models: quantized)",
+    )
     eval: str = Field(
         "work/eval", description="metrics.json, eval_set.json, samples.jsonl, report.html, plots"
     )
@@ -238,7 +242,9 @@ class Train(_Section):
     )
     devices_per_node: int | None = Field(None, ge=1, description="KFP pipeline: devices per node")
     sequence_parallel_size: int = Field(
-        1, ge=1, description="DeepSpeed Ulysses sequence parallelism: devices sharing one sequence (1 = off; GPU/NPU)"
+        1,
+        ge=1,
+        description="DeepSpeed Ulysses sequence parallelism: devices sharing one sequence (1 = off; GPU/NPU)",
     )
 
 
@@ -423,9 +429,9 @@ class Eval(_Section):
     """Evaluation (``troupe evaluate``)."""
 
     max_new_tokens: int = Field(64, ge=1, description="max tokens generated per held-out reply")
-    models: list[Literal["base", "sft", "dpo", "champion"]] = Field(
+    models: list[Literal["base", "sft", "dpo", "quantized", "champion"]] = Field(
         default_factory=lambda: ["base", "dpo"],
-        description="models evaluated (names of paths.*_model; champion = the registry's champion version)",
+        description="models evaluated (names of paths.*_model; quantized = paths.quantized_model; champion = the registry's champion version)",
     )
     max_replies_per_split: int = Field(
         0,
@@ -443,6 +449,31 @@ class Eval(_Section):
         description="evaluation suites; charactereval also keeps CharacterEval's characters out of training",
     )
     judge: bool = Field(False, description="score held-out replies with the rubric judge (agents.judge)")
+
+
+class Quantize(_Section):
+    """Quantised export for serving (``troupe model quantize``: llm-compressor GPTQ, compressed-tensors)."""
+
+    scheme: Literal["W8A8", "W8A16", "W4A16"] = Field(
+        "W8A8",
+        description="W8A8 int8 weights per channel + dynamic int8 activations | W8A16 / W4A16 int8 / int4 weights in groups of 128 input columns (widths divisible by 128)",
+    )
+    calibration_samples: int = Field(
+        64,
+        ge=1,
+        description="training dialogues (persona card + turns, as SFT renders them) GPTQ calibrates on",
+    )
+    max_seq_len: int = Field(
+        512, ge=8, description="tokens kept per calibration dialogue (also <= data.cutoff_len)"
+    )
+    dampening: float = Field(
+        0.01, gt=0, lt=1, description="GPTQ dampening_frac: share of the Hessian's mean diagonal added to it"
+    )
+    seed: int = Field(0, description="seed of the calibration sample")
+    python: str = Field(
+        ".venv-quantize/bin/python",
+        description="interpreter with llm-compressor (its own venv: bash scripts/install.sh)",
+    )
 
 
 class Registry(_Section):
@@ -490,6 +521,7 @@ class Params(_Section):
         default_factory=CharacterEvalSuite, description="the CharacterEval protocol suite"
     )
     feedback: Feedback = Field(default_factory=Feedback, description="human preferences and user feedback")
+    quantize: Quantize = Field(default_factory=Quantize, description="quantised export for serving")
     registry: Registry = Field(default_factory=Registry, description="MLflow tracking and registry")
     serve: Serve = Field(default_factory=Serve, description="local Ray Serve deployment")
 

@@ -68,7 +68,13 @@ from troupe.stats import (
 )
 
 CHALLENGER, CHAMPION = "challenger", "champion"
-_MODEL_KEY = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model"}
+_MODEL_KEY = {"base": "base_model", "sft": "sft_model", "dpo": "dpo_model", "quantized": "quantized_model"}
+#: version tags of a quantised candidate (troupe model quantize): scheme, parent version / model, calibration
+QUANTIZATION_TAG, PARENT_VERSION_TAG, PARENT_MODEL_TAG = (
+    "troupe.quantization",
+    "troupe.parent_version",
+    "troupe.parent_model",
+)
 
 
 #: ``troupe registry register`` exit status when the gate lacks evidence (pass and a decided fail exit 0)
@@ -672,9 +678,14 @@ def _compact(metrics: dict[str, dict[str, Estimate]]) -> dict[str, Any]:
     }
 
 
-def register(params: dict[str, Any]) -> dict[str, Any]:
+def register(params: dict[str, Any], candidate: str | None = None) -> dict[str, Any]:
     """Register and gate the candidate model with its characters; returns the decision dict (also
     written to ``paths.registry``: ``decision.json`` and ``gate.md``).
+
+    ``candidate`` overrides the gate policy's ``candidate`` (e.g. ``quantized``: ``paths.quantized_model``,
+    evaluated in the same ``metrics.json``); a quantised candidate's version is linked to its parent by
+    the tags ``troupe.quantization`` / ``troupe.parent_version`` / ``troupe.parent_model`` (from its
+    ``quantize.json``, :func:`quantization_tags`).
 
     The version carries its evidence: ``troupe.metrics`` (estimates), ``troupe.eval_set`` (``{split:
     sha256}``) and ``troupe.scores_uri`` (the candidate's per-item scores, an MLflow artifact) so a later
@@ -691,6 +702,8 @@ def register(params: dict[str, Any]) -> dict[str, Any]:
 
     reg = section(params, "registry")
     policy = load_policy(reg.get("gate_policy", "configs/gate_policy.yaml"))
+    if candidate:
+        policy["candidate"] = candidate
     cand_name = policy["candidate"]
     eval_loc = _location(params, "eval")
     with tempfile.TemporaryDirectory(prefix="troupe-gate-") as tmp_dir:
@@ -824,6 +837,7 @@ def _record(
         )
         tags[contract.CATALOGUE_VERSION_TAG] = cat_version
         tags[contract.CATALOGUE_URI_TAG] = cat_uri
+        tags.update(quantization_tags(model_loc))
         if score_rows:
             tags[SCORES_URI_TAG] = f"{run.info.artifact_uri}/eval/{SCORES_FILE}"
         compact = json.dumps(_compact(cand_metrics), separators=(",", ":"))
@@ -876,6 +890,28 @@ def _record(
         mlflow.log_artifact(str(out / "gate.md"))
         mlflow.log_artifact(str(out / "decision.json"))
     return decision
+
+
+def quantization_tags(model_loc: str | Path) -> dict[str, str]:
+    """Version tags linking a quantised checkpoint to its parent, from its ``quantize.json``
+    (:mod:`troupe.quantize`): ``troupe.quantization`` (scheme, e.g. ``W8A16``), ``troupe.parent_version``
+    (when the parent was a registered version), ``troupe.parent_model`` (its URI or path) and
+    ``troupe.calibration_sha256``. Empty for a checkpoint that is not quantised."""
+    from troupe import storage
+
+    loc = storage.join(str(model_loc), "quantize.json")
+    if not storage.exists(loc):
+        return {}
+    meta = json.loads(storage.read_text(loc))
+    parent = meta.get("parent") or {}
+    tags = {
+        QUANTIZATION_TAG: str(meta.get("scheme", "")),
+        PARENT_MODEL_TAG: str(parent.get("uri") or parent.get("path") or ""),
+        "troupe.calibration_sha256": str((meta.get("calibration") or {}).get("sha256", "")),
+    }
+    if parent.get("version"):
+        tags[PARENT_VERSION_TAG] = str(parent["version"])
+    return tags
 
 
 def _exists(client, name: str) -> bool:
@@ -1042,14 +1078,19 @@ def registry_cli() -> None:
 
 
 @registry_cli.command("register")
+@click.option(
+    "--candidate",
+    default=None,
+    help="model of metrics.json to register (default: the gate policy's candidate), e.g. quantized",
+)
 @step_options
-def register_cmd(params: dict) -> None:
+def register_cmd(params: dict, candidate: str | None) -> None:
     """Log + register the candidate, apply the gate policy, set alias challenger on pass.
 
     Exit status: 0 when the gate decided (pass, or fail: read decision.json / gate.md), 3 when the
     evidence is insufficient (the version is registered and tagged ``troupe.gate=insufficient``, no alias).
     """
-    decision = register(params)
+    decision = register(params, candidate)
     if decision["status"] == INSUFFICIENT:
         click.echo(
             f"gate: insufficient evidence for version {decision['version']} (exit {INSUFFICIENT_EXIT}); "

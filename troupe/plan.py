@@ -34,6 +34,17 @@
 - **step time** at a stated model-FLOPs utilisation: training costs ``6*N*tokens`` FLOPs (Kaplan et
   al. 2020, arXiv:2001.08361 §2.1; the MFU definition of Chowdhery et al. 2022, PaLM, arXiv:2204.02311
   App. B excludes recomputation), divided by ``devices * peak bf16 FLOP/s * MFU``.
+- **LoRA / QLoRA** (``--train-method``; Hu et al. 2021, arXiv:2106.09685; Dettmers et al. 2023,
+  arXiv:2305.14314): the base weights are frozen, so they hold no gradients and no optimizer states:
+  2 bytes/param in bf16 (QLoRA: the blocks' linear weights in 4-bit NF4 with double quantisation,
+  4.127 bits/param, QLoRA §3; embeddings, norms and the output layer stay bf16), partitioned like
+  parameters at ZeRO-3. The adapters, ``r*(d_in+d_out)`` parameters per adapted matrix
+  (:func:`troupe.train.lora.adapter_params`), are trained like full parameters (bf16 weights,
+  gradients, fp32 gradients and 12 bytes of Adam states, partitioned per stage). ZeRO-3 gathers a
+  frozen module without gradients (2 bytes/param); DPO needs no reference model (TRL computes the
+  reference with the adapter disabled). Activations are counted as for full training (the adapters'
+  own r-wide activations are negligible). Training FLOPs per token are ``4N + 6*N_lora`` (forward
+  and input gradients through the base, no weight gradients for it).
 
 Everything is in bytes internally and GiB (2**30 bytes) in the printed table.
 """
@@ -163,6 +174,9 @@ class PlanInput:
         headroom: fraction of device memory kept free (CUDA/CANN context, comm buffers, fragmentation).
         fp32_grads: count DeepSpeed's fp32 gradients (4 bytes/param / Nd; 2 at ZeRO-3, as its estimator).
         host_buffer_factor: DeepSpeed's ``additional_buffer_factor`` for offloaded host memory.
+        train_method: full | lora | qlora (``train.method``; qlora on nvidia only).
+        lora_r: LoRA rank (``train.lora_r``).
+        lora_targets: ``all-linear`` or a comma list of projection names (``train.lora_target_modules``).
         sequence_parallel: DeepSpeed Ulysses degree (``train.sequence_parallel_size``; 1 = off): devices
             sharing one sequence; divides activations by it.
     """
@@ -186,6 +200,9 @@ class PlanInput:
     headroom: float = 0.1
     fp32_grads: bool = True
     host_buffer_factor: float = 1.5
+    train_method: str = "full"
+    lora_r: int = 16
+    lora_targets: str = "all-linear"
     sequence_parallel: int = 1
 
 
@@ -210,6 +227,7 @@ class Plan:
     step_seconds: float
     tokens_per_second: float
     notes: list[str] = field(default_factory=list)
+    trainable_params: int = 0
 
     @property
     def model_states_bytes(self) -> float:
@@ -236,6 +254,7 @@ class Plan:
         return {
             "input": inp,
             "params": self.n_params,
+            "trainable_params": self.trainable_params,
             "world_size": self.world,
             "device": self.device,
             "per_device_gib": {
@@ -361,6 +380,10 @@ def make_plan(inp: PlanInput) -> Plan:
         raise ValueError("offload needs ZeRO stage 1, 2 or 3")
     if inp.method not in ("sft", "dpo"):
         raise ValueError(f"method {inp.method!r}: expected sft or dpo")
+    if inp.train_method not in ("full", "lora", "qlora"):
+        raise ValueError(f"train method {inp.train_method!r}: expected full, lora or qlora")
+    if inp.train_method == "qlora" and inp.accelerator != "nvidia":
+        raise ValueError("train method qlora needs a CUDA GPU (--accelerator nvidia): bitsandbytes 4-bit")
     for name in ("seq_len", "micro_batch", "nodes", "devices_per_node", "grad_accum"):
         if getattr(inp, name) < 1:
             raise ValueError(f"{name} must be >= 1")
@@ -383,16 +406,24 @@ def make_plan(inp: PlanInput) -> Plan:
     g32 = (2 if stage == 3 else 4) if inp.fp32_grads else 0
     notes: list[str] = []
 
-    # Model states per device (ZeRO paper §5.1 / DeepSpeed estimators).
-    params = 2 * n / nd if stage == 3 else 2 * n
-    grads16 = 2 * n / nd if stage >= 2 else 2 * n
-    grads32 = g32 * n / nd if stage >= 1 else g32 * n
-    optim = 12 * n / nd if stage >= 1 else 12 * n
-    gathered = 4 * inp.arch.largest_module_params() if stage == 3 else 0.0
+    # Model states per device (ZeRO paper §5.1 / DeepSpeed estimators). LoRA/QLoRA: a frozen base
+    # (stored only) plus nt adapter parameters trained as full ones are; full: nt = n, nothing frozen.
+    from troupe.train.lora import adapter_params, frozen_base_bytes
+
+    lora = inp.train_method != "full"
+    nt = adapter_params(inp.arch, inp.lora_r, inp.lora_targets) if lora else n
+    stored = frozen_base_bytes(inp.arch, n, inp.train_method) + 2 * nt
+    params = stored / nd if stage == 3 else stored
+    grads16 = 2 * nt / nd if stage >= 2 else 2 * nt
+    grads32 = g32 * nt / nd if stage >= 1 else g32 * nt
+    optim = 12 * nt / nd if stage >= 1 else 12 * nt
+    gathered = (2 if lora else 4) * inp.arch.largest_module_params() if stage == 3 else 0.0
+    if lora:
+        notes.append(f"{inp.train_method}: {nt:,} trainable adapter params (r={inp.lora_r}), frozen base")
     host_per_device = 0.0
     if off in ("optimizer", "param+optimizer"):
         # ZeRO-Offload: fp32 master/m/v and fp32 grads live on the host; bf16 grads stream out in buckets.
-        host_per_device += (16 if inp.fp32_grads else 12) * n / nd  # fp32 grads whole on the host
+        host_per_device += (16 if inp.fp32_grads else 12) * nt / nd  # fp32 grads whole on the host
         optim = grads32 = grads16 = 0.0
     if off == "param+optimizer":
         host_per_device += params
@@ -404,6 +435,8 @@ def make_plan(inp: PlanInput) -> Plan:
     seqs = inp.micro_batch
     if inp.method == "dpo":
         ref = 2 * n / nd if stage == 3 else 2 * n
+        if lora:  # TRL: the reference is the same model with the adapter disabled
+            ref = 0.0
         if off == "param+optimizer":
             host_per_node += ref * inp.devices_per_node
             ref = 0.0
@@ -417,7 +450,8 @@ def make_plan(inp: PlanInput) -> Plan:
     dev = DEVICES[device]
     mem = (inp.device_memory_gib if inp.device_memory_gib is not None else dev["memory_gib"]) * GIB
     tokens = inp.micro_batch * inp.seq_len * (nd // sp) * inp.grad_accum
-    per_token = 6 * n if inp.method == "sft" else 2 * (6 * n + 2 * n)  # dpo: 2 seqs, policy fwd+bwd, ref fwd
+    train_flops = 4 * n + 6 * nt if lora else 6 * n  # LoRA: no weight gradients for the frozen base
+    per_token = train_flops if inp.method == "sft" else 2 * (train_flops + 2 * n)  # dpo: 2 seqs, + ref fwd
     flops = per_token * tokens
     step = flops / (nd * dev["peak_tflops"] * 1e12 * inp.mfu)
     if inp.params is not None:
@@ -427,7 +461,7 @@ def make_plan(inp: PlanInput) -> Plan:
         params_bytes=params, grads_bytes=grads16 + grads32, optimizer_bytes=optim, gathered_bytes=gathered,
         reference_bytes=ref, activation_bytes=act, host_bytes_per_node=host_per_node,
         tokens_per_step=tokens, flops_per_step=flops, step_seconds=step, tokens_per_second=tokens / step,
-        notes=notes,
+        notes=notes, trainable_params=nt,
     )  # fmt: skip
 
 
@@ -444,6 +478,8 @@ def suggestions(inp: PlanInput, limit: int = 4) -> list[str]:
         cands.append((f"--zero-stage {st}", {"zero_stage": st}))
     if inp.micro_batch > 1:
         cands.append(("--micro-batch 1", {"micro_batch": 1}))
+    if inp.train_method == "full":
+        cands.append(("--train-method lora", {"train_method": "lora"}))
     if inp.offload == "none":
         flag = "--offload optimizer" if inp.zero_stage else "--zero-stage 1 --offload optimizer"
         cands.append((flag, {"offload": "optimizer", "zero_stage": max(inp.zero_stage, 1)}))
@@ -475,7 +511,9 @@ def render(plan: Plan) -> None:
     g = lambda b: f"{b / GIB:,.2f}"  # noqa: E731
     t = Table(
         title=(
-            f"{plan.n_params / 1e9:.2f}B params, {inp.method.upper()}, seq {inp.seq_len} x micro-batch "
+            f"{plan.n_params / 1e9:.2f}B params, {inp.method.upper()}"
+            + (f" {inp.train_method} r={inp.lora_r}" if inp.train_method != "full" else "")
+            + f", seq {inp.seq_len} x micro-batch "
             f"{inp.micro_batch}, {inp.nodes}x{inp.devices_per_node} {plan.device.upper()} "
             f"({plan.device_memory_bytes / GIB:.0f} GiB), ZeRO-{inp.zero_stage}, offload {inp.offload}, "
             f"checkpointing {'on' if inp.checkpointing else 'off'}"
@@ -495,7 +533,13 @@ def render(plan: Plan) -> None:
         (
             "parameters (bf16)",
             plan.params_bytes,
-            host if off == "param+optimizer" else f"2 B/param{per(st == 3)}",
+            host
+            if off == "param+optimizer"
+            else (
+                f"frozen base {'NF4 4.127 bit' if inp.train_method == 'qlora' else '2 B'} + adapter 2 B{per(st == 3)}"
+                if inp.train_method != "full"
+                else f"2 B/param{per(st == 3)}"
+            ),
         ),
         (
             "gradients",
@@ -507,7 +551,11 @@ def render(plan: Plan) -> None:
             plan.optimizer_bytes,
             host if off != "none" else f"12 B/param{per(st >= 1)}",
         ),
-        ("ZeRO-3 gathered layer", plan.gathered_bytes, "4 B x largest module" if st == 3 else "-"),
+        (
+            "ZeRO-3 gathered layer",
+            plan.gathered_bytes,
+            (f"{2 if inp.train_method != 'full' else 4} B x largest module" if st == 3 else "-"),
+        ),
     ]
     if inp.method == "dpo":
         rows.append(("reference model (bf16)", plan.reference_bytes, "2 B/param"))
@@ -533,7 +581,11 @@ def render(plan: Plan) -> None:
     t.add_section()
     t.add_row("tokens / step", f"{plan.tokens_per_step:,}", f"grad accum {inp.grad_accum}")
     t.add_row(
-        "step time (s)", f"{plan.step_seconds:,.2f}", f"{'6' if inp.method == 'sft' else '16'}·N·tokens"
+        "step time (s)",
+        f"{plan.step_seconds:,.2f}",
+        f"{'6' if inp.method == 'sft' else '16'}·N·tokens"
+        if inp.train_method == "full"
+        else ("(4N+6N_lora)·tokens" if inp.method == "sft" else "2·(6N+6N_lora)·tokens"),
     )
     t.add_row(
         "tokens / s",
@@ -587,6 +639,20 @@ class DoesNotFit(click.ClickException):
 @click.option("--accelerator", default="nvidia", show_default=True, help="nvidia | ascend")
 @click.option("--device", default=None, help="h100 | a100 | 910b (default: h100 for nvidia, 910b for ascend)")
 @click.option("--method", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True)
+@click.option(
+    "--train-method",
+    type=click.Choice(["full", "lora", "qlora"]),
+    default="full",
+    show_default=True,
+    help="full parameters, or LoRA adapters on a frozen bf16 (lora) / 4-bit (qlora) base (train.method)",
+)
+@click.option("--lora-r", type=int, default=16, show_default=True, help="LoRA rank (train.lora_r)")
+@click.option(
+    "--lora-targets",
+    default="all-linear",
+    show_default=True,
+    help="all-linear or a comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+)
 @click.option(
     "--mfu", type=float, default=0.4, show_default=True, help="model FLOPs utilisation for step time"
 )

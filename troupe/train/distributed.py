@@ -180,6 +180,7 @@ def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
     if train.get("accelerator", "cpu") == "cpu":
         return False
     from troupe.plan import PlanInput, arch_from_config, needs_checkpointing, plan_offload
+    from troupe.train.lora import lora_targets_text
 
     conf = json.loads(Path(cfg["base_model_dir"], "config.json").read_text())
     inp = PlanInput(
@@ -193,6 +194,9 @@ def gradient_checkpointing(cfg: dict[str, Any]) -> bool:
         accelerator=str(train["accelerator"]),
         method=cfg["method"],
         checkpointing=False,
+        train_method=str(train.get("method") or "full"),
+        lora_r=int(train.get("lora_r", 16)),
+        lora_targets=lora_targets_text(train),
         sequence_parallel=int(train.get("sequence_parallel_size", 1) or 1),
     )
     return needs_checkpointing(inp)

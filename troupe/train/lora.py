@@ -107,6 +107,12 @@ def target_modules(train: dict[str, Any]) -> str | list[str]:
     return [str(x) for x in t]
 
 
+def lora_targets_text(train: dict[str, Any]) -> str:
+    """:func:`target_modules` as ``troupe plan`` takes it: ``all-linear`` or a comma list."""
+    t = target_modules(train)
+    return t if isinstance(t, str) else ",".join(t)
+
+
 def peft_config(train: dict[str, Any]):
     """The ``peft.LoraConfig`` of ``train`` (causal LM, no bias training).
 
@@ -231,9 +237,12 @@ def resolve_adapter(uri: str) -> Path:
             raise ConfigError(
                 f"{uri} (version {mv.version}): no {ADAPTER_URI_TAG} tag (not trained with LoRA)"
             )
-        if not storage.is_remote(src) or src.startswith(("s3://", "gs://")):
+        if src.startswith("s3://"):  # a remote model's adapter, named where it is
             d = storage.local_copy(src, what=f"{uri} adapter")
-        else:  # an MLflow artifact URI (runs:/, mlflow-artifacts:/, http)
+        else:  # an MLflow artifact URI (mlflow-artifacts:/, runs:/, a local artifact store)
+            from troupe.tracking import tracking_uri
+
+            mlflow.set_tracking_uri(tracking_uri())
             d = Path(
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=src, dst_path=tempfile.mkdtemp(prefix="troupe-adapter-")

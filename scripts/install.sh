@@ -24,9 +24,11 @@ if [ ! -f .venv-quantize/.installed ]; then  # written last: a cut-off install i
   touch .venv-quantize/.installed
 fi
 # Debian's Chromium for the labelling page's browser test (Playwright drives /usr/bin/chromium; no
-# browser download). Skipped where it is already there; needs root or sudo otherwise.
+# browser download). Skipped where it is already there; needs root or sudo otherwise (a failure warns).
 if ! command -v chromium >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q chromium >/dev/null; }
+  $SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q chromium >/dev/null 2>&1; } \
+    || echo "warning: Debian's chromium could not be installed; tests/test_feedback_browser.py will skip" >&2
 fi
 echo "installed: $(.venv/bin/troupe --version)"

@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny random model (SmolLM2 tokenizer) and a real `mlflow server` process."""
+"""Shared fixtures: the tiny random model (SmolLM2 tokenizer), a real `mlflow server` process and a
+moto S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -93,3 +94,39 @@ def mlflow_server(tmp_path_factory):
     proc.terminate()
     proc.wait(30)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def moto_s3(tmp_path_factory):
+    """A moto S3 server subprocess on 127.0.0.1:<free port> (module scope); yields its endpoint URL."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"moto server exited early (rc={proc.returncode}):\n{log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto server did not start on {endpoint}:\n{log.read_text()}")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

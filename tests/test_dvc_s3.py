@@ -12,12 +12,9 @@ Every ``dvc`` command runs as a subprocess (``python -m dvc``) inside a throwawa
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -26,48 +23,10 @@ import dvc_s3  # noqa: E402,F401  (DVC's S3 remote plugin must be installed)
 import moto.server  # noqa: E402,F401
 import pytest
 
-from tests.conftest import free_port
-
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 BUCKET = "troupe-dvc"
 REGION = "us-east-1"
 DVC_TIMEOUT = 120
-
-
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory):
-    """A moto S3 server subprocess on 127.0.0.1:<free port>; yields its endpoint URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"moto server exited early (rc={proc.returncode}):\n{log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"moto server did not start on {endpoint}:\n{log.read_text()}")
-                time.sleep(0.2)
-        yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

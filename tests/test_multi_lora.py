@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -242,39 +238,6 @@ def test_vllm_lora_config_and_model_names():
 
 
 # -- over HTTP: a Ray Serve app with a catalogue of adapter characters ----------------------------
-@pytest.fixture(scope="module")
-def moto_s3(tmp_path_factory):
-    """A moto S3 server subprocess on loopback; yields its endpoint URL."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"moto exited early:\n{log.read_text()}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"moto did not start:\n{log.read_text()}"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, adapters, moto_s3):
     """Two apps on one cluster, catalogue: anna (adapter a, a local dir), ben (adapter b, in S3), bob

@@ -163,7 +163,8 @@ def cluster_bootstrap(
 
     Args:
         clusters: cluster id -> its items (empty clusters are dropped).
-        statistic: items -> number (e.g. the mean; a corpus BLEU).
+        statistic: items -> number (e.g. the mean; a corpus BLEU; a rank correlation). A resample where
+            it is NaN (undefined, e.g. a correlation of constant values) is dropped; none left = no interval.
         resamples: bootstrap replicates (2,000 is Efron & Tibshirani's suggestion for percentile intervals).
         seed: RNG seed (results are reproducible).
     """
@@ -181,7 +182,9 @@ def cluster_bootstrap(
     for _ in range(resamples):
         pick = rng.integers(0, len(groups), len(groups))
         reps.append(float(statistic([x for i in pick for x in groups[i]])))
-    reps.sort()
+    reps = sorted(r for r in reps if not math.isnan(r))  # resamples where the statistic is undefined
+    if not reps:
+        return Estimate(value, len(items), math.nan, math.nan, confidence, method, clusters=len(groups))
     alpha = (1 - confidence) / 2
     return Estimate(
         value, len(items), _percentile(reps, alpha), _percentile(reps, 1 - alpha), confidence, method,

@@ -21,7 +21,7 @@ human side-by-side labels.
   MT-Bench and Chatbot Arena", arXiv:2306.05685, sec. 3.3 "swap positions").
 * **Ratings** (:func:`bradley_terry`): Bradley-Terry strengths by Hunter's MM algorithm (Hunter 2004,
   "MM algorithms for generalized Bradley-Terry models", Ann. Statist. 32:384, eq. 3), ties as half a
-  win each, percentile-bootstrap intervals over comparisons; :func:`log_ratings` logs a table to MLflow.
+  win each, parametric-bootstrap intervals; :func:`log_ratings` logs a table to MLflow.
 * **Calibration** (:func:`calibration`): Spearman's rho of judge vs human scores per dimension
   (cluster bootstrap over labelled items), choice agreement and per-rule agreement (Wilson).
 * **Summaries** (:func:`summarise`): ``judge_<dimension>`` means, ``judge_rule_<id>`` /
@@ -1080,26 +1080,14 @@ def _spearman(pairs: list[tuple[float, float]]) -> float:
 def _bootstrap_rho(
     clusters: dict[Hashable, list[tuple[float, float]]], confidence: float, resamples: int, seed: int
 ) -> Estimate:
-    """Spearman's rho of (judge, human) pairs with a percentile cluster bootstrap (resamples where rho
-    is undefined, e.g. all-constant, are dropped)."""
-    import numpy as np
-
-    groups = [g for g in clusters.values() if g]
-    items = [p for g in groups for p in g]
-    if not items:
-        return stats.empty(confidence)
-    value = _spearman(items)
-    if len(groups) < 2 or math.isnan(value):
-        return Estimate(value, len(items), math.nan, math.nan, confidence, "bootstrap", clusters=len(groups))
-    rng = np.random.default_rng(seed)
-    reps = [
-        _spearman([p for i in rng.integers(0, len(groups), len(groups)) for p in groups[i]])
-        for _ in range(resamples)
-    ]
-    reps_arr = np.array([r for r in reps if not math.isnan(r)])
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(reps_arr, [alpha, 1 - alpha]) if len(reps_arr) else (math.nan, math.nan)
-    return Estimate(value, len(items), float(lo), float(hi), confidence, "bootstrap", clusters=len(groups))
+    """Spearman's rho of (judge, human) pairs with a percentile cluster bootstrap
+    (:func:`troupe.stats.cluster_bootstrap`; resamples where rho is undefined, e.g. all-constant, are
+    dropped; an undefined rho itself gets no interval)."""
+    items = [p for g in clusters.values() for p in g]
+    if items and math.isnan(_spearman(items)):
+        groups = sum(1 for g in clusters.values() if g)
+        return Estimate(math.nan, len(items), math.nan, math.nan, confidence, "bootstrap", clusters=groups)
+    return stats.cluster_bootstrap(clusters, _spearman, confidence, resamples, seed)
 
 
 def _judge_choice(a: JudgeScore | None, b: JudgeScore | None) -> Side | None:

@@ -359,14 +359,20 @@ def _merge_same_role(msgs: list[Message]) -> list[Message]:
 # --------------------------------------------------------------------------------------- importers
 
 
-def _import_troupe(src: dict[str, Any], sink: _Sink) -> None:
-    root = Path(src["path"])
-    cfile, dfile = root / "characters.jsonl", root / "dialogues.jsonl"
+def _import_characters(cfile: Path, sink: _Sink) -> None:
+    """Every line of a contract ``characters.jsonl`` into the sink; a bad line is a character error
+    naming ``file:line``."""
     for lineno, raw in iter_jsonl(cfile):
         try:
             sink.character(Character.model_validate(json.loads(raw)), str(cfile), lineno)
         except (json.JSONDecodeError, ValidationError) as e:
             sink.character_error(str(cfile), lineno, describe_error(e), raw)
+
+
+def _import_troupe(src: dict[str, Any], sink: _Sink) -> None:
+    root = Path(src["path"])
+    cfile, dfile = root / "characters.jsonl", root / "dialogues.jsonl"
+    _import_characters(cfile, sink)
     for lineno, raw in iter_jsonl(dfile):
         sink.seen()
         try:
@@ -694,11 +700,7 @@ def _import_synthetic(src: dict[str, Any], sink: _Sink) -> None:
 
     root = Path(src["path"])
     cfile, dfile = root / "characters.jsonl", root / "conversations.jsonl"
-    for lineno, raw in iter_jsonl(cfile):
-        try:
-            sink.character(Character.model_validate(json.loads(raw)), str(cfile), lineno)
-        except (json.JSONDecodeError, ValidationError) as e:
-            sink.character_error(str(cfile), lineno, describe_error(e), raw)
+    _import_characters(cfile, sink)
     label = src.get("name", "synthetic")
     for lineno, raw in iter_jsonl(dfile):
         sink.seen()

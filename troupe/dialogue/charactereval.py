@@ -63,7 +63,7 @@ from typing import Any
 
 from troupe import stats
 from troupe.config import ConfigError, section
-from troupe.contract import Character, ContractError, read_text
+from troupe.contract import Character, ContractError, read_text, write_jsonl
 from troupe.data.importers import (
     charactereval_character,
     charactereval_scene_id,
@@ -646,12 +646,6 @@ def print_table(
 # ------------------------------------------------------------------------------------------ the step
 
 
-def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def run_suite(params: dict[str, Any]) -> dict[str, Any]:
     """``troupe evaluate --suite charactereval``: generate, judge, summarise, report (module docstring).
 
@@ -706,7 +700,7 @@ def run_suite(params: dict[str, Any]) -> dict[str, Any]:
             max_new_tokens=int(cfg.get("max_new_tokens", 64)), batch_size=int(ev.get("batch_size", 8)),
             prefix_cache_mb=int(ev.get("prefix_cache_mb", 256)), model_name=name,
         )  # fmt: skip
-        _write_jsonl(out / "replies.jsonl", rows)
+        write_jsonl(out / "replies.jsonl", rows)
 
         async def judge_all() -> list[JudgeScore]:
             try:
@@ -716,7 +710,7 @@ def run_suite(params: dict[str, Any]) -> dict[str, Any]:
                 await judge.aclose()
 
         scores = asyncio.run(judge_all())
-        _write_jsonl(out / "scores.jsonl", [s.model_dump() for s in scores])
+        write_jsonl(out / "scores.jsonl", [s.model_dump() for s in scores])
         summary = summarize(scores, {i.id: i for i in sampled}, confidence)
         cover = coverage(bench, sampled, scores)
         result = {

@@ -68,6 +68,17 @@ def test_replies_looping_inside_themselves_are_measured():
     assert (m["in_reply_repetition"].k, m["in_reply_repetition"].n) == (1, 2)
 
 
+def test_rule_breaks_counts_replies_breaking_any_rule_once():
+    """``rule_breaks``: a reply breaking two rules counts once, a clean reply not at all (the rate DPO
+    pairs target, from the same check that picks their rejected side)."""
+    two = _s("max", "d1", "Max: As an AI, I cannot fly.")  # name prefix + assistant phrase
+    one = _s("max", "d2", "*smiles* We fly at dawn.")  # stage direction
+    clean = _s("max", "d3", "We fly at dawn, want to come along?")
+    m = score_replies([two, one, clean], CHARS)
+    assert (m["rule_breaks"].k, m["rule_breaks"].n) == (2, 3)
+    assert m["name_prefix"].k == 1 and m["assistant_leakage"].k == 1 and m["stage_direction"].k == 1
+
+
 def test_intervals_narrow_with_n():
     """Same observed rate, ten times the replies: the Wilson interval is narrower and still covers it."""
     few = score_replies(

@@ -184,6 +184,15 @@ def repeats_itself(text: str, language: str) -> bool:
     return units >= REPETITION_MIN_UNITS and repetition_share(text, language) > REPETITION_MAX_SHARE
 
 
+def violation_kind(violation: str) -> str:
+    """Rule name of a violation text of :func:`check_reply` or the data validator, for counting
+    (``"language en != zh"`` -> ``"language"``, ``"markup: unclosed <emotion>"`` -> ``"markup"``)."""
+    for k in ("language", "markup", "personal data", "length", "assistant phrase"):
+        if violation.startswith(k):
+            return k
+    return violation
+
+
 @dataclass
 class ReplyCheck:
     """Outcome of :func:`check_reply`; ``violations`` lists the rules broken (empty = clean)."""

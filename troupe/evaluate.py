@@ -23,6 +23,10 @@ Rates (share of replies; Wilson interval; ``↓`` = lower is better):
 * ``self_repetition`` ↓     near-duplicates (char-trigram Jaccard >= 0.6) an earlier reply of the dialogue
 * ``in_reply_repetition`` ↓ loops inside itself (:func:`troupe.checks.repeats_itself`, seq-rep-4)
 * ``echo_user`` ↓           parrots the user's last line (same trigram rule)
+* ``rule_breaks`` ↓         breaks at least one rule of :func:`troupe.checks.check_reply` (language,
+                            markup, assistant phrase, name prefix, stage direction, length, echo,
+                            empty): the rate DPO pairs target (their rejected side is picked by the
+                            same check) and self-play's ``rule_breaks``
 
 Means (cluster bootstrap over dialogues) and corpus statistics:
 
@@ -100,6 +104,7 @@ RATE_METRICS = (
     "self_repetition",
     "in_reply_repetition",
     "echo_user",
+    "rule_breaks",
 )
 #: metrics where lower is better (used by the report, the gate and the rollout)
 LOWER_IS_BETTER = (
@@ -113,6 +118,7 @@ LOWER_IS_BETTER = (
             "self_repetition",
             "in_reply_repetition",
             "echo_user",
+            "rule_breaks",
             "loss",
             "perplexity",
         }
@@ -249,6 +255,7 @@ def reply_scores(sample: dict[str, Any], character: Character) -> dict[str, floa
         "length_ok": float(chk.length_ok),
         "in_reply_repetition": float(repeats_itself(text, character.language)),
         "echo_user": float(chk.echo_user),
+        "rule_breaks": float(bool(chk.violations)),
         "rouge_l": rouge,
     }
 

@@ -609,6 +609,24 @@ def _write_train_log(trainer, result, resumed_step: int | None, out_dir: Path) -
     )
 
 
+#: warnings repeated on every collective call that we cannot act on: DeepSpeed ZeRO-3 calls the torch
+#: collectives torch 2.13 deprecated (~10,650 lines in the Ray log of 10 SFT steps before this filter;
+#: the registry that would show each once is reset whenever any library changes warning filters)
+KNOWN_NOISY_WARNINGS = (
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor|_all_gather_base|_reduce_scatter_base)` is deprecated",
+)
+
+
+def quiet_known_warnings() -> None:
+    """Ignore :data:`KNOWN_NOISY_WARNINGS` (FutureWarning/DeprecationWarning, by message) in this
+    process; every other warning still shows. Called first in each Ray Train worker."""
+    import warnings
+
+    for pattern in KNOWN_NOISY_WARNINGS:
+        for cat in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", message=pattern, category=cat)
+
+
 def train_loop(cfg: dict[str, Any]) -> None:
     """Per-worker loop for SFT and DPO (runs inside a Ray Train worker).
 
@@ -618,6 +636,7 @@ def train_loop(cfg: dict[str, Any]) -> None:
     ``save_model`` and rank 0 writes the model, the tokenizer and ``train_log.json`` to node scratch
     and uploads them to ``cfg["out"]`` (a path on one machine, ``s3://...`` on a cluster).
     """
+    quiet_known_warnings()
     import ray.train
 
     from troupe import storage

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from troupe.checks import ReplyCheck, check_reply, last_user_text
+from troupe.checks import ReplyCheck, check_reply, last_user_text, violation_kind
 from troupe.config import ConfigError, section
 from troupe.contract import (
     Character,
@@ -113,14 +113,6 @@ def contexts(dialogues: list[Dialogue], seed: int, turns: str = "all") -> list[C
 def chosen_violations(reply: str, language: str) -> list[str]:
     """Rules a chosen reply breaks: the accepted-data rules with stage directions counted (module docstring)."""
     return reply_violations(reply, language, stage_directions="reject")
-
-
-def _kind(violation: str) -> str:
-    """Rule name of a violation text (``"language en != zh"`` -> ``"language"``) for counting."""
-    for k in ("language", "markup", "personal data", "length", "assistant phrase"):
-        if violation.startswith(k):
-            return k
-    return violation
 
 
 def select_prompts(
@@ -274,7 +266,7 @@ def assemble_pairs(
     counts = {
         "rejected_source": dict(Counter(p.meta["rejected_source"] for p in pairs)),
         "rejected_violations": dict(
-            Counter(_kind(v) for p in pairs for v in p.meta["violations"]).most_common()
+            Counter(violation_kind(v) for p in pairs for v in p.meta["violations"]).most_common()
         ),
         "candidates": {"sft": len(idx) * s, "base": len(need_base) * s},
         "dropped_no_rejected": len(dropped),
@@ -350,7 +342,7 @@ def _build_pairs(params: dict[str, Any], out: Path) -> dict[str, Any]:
         "pairs": len(pairs),
         "dropped": dropped,
         "chosen_violations": dict(
-            Counter(_kind(v) for q in chosen_bad for v in q.raw["violations"]).most_common()
+            Counter(violation_kind(v) for q in chosen_bad for v in q.raw["violations"]).most_common()
         ),
         "samples_per_prompt": int(cfg.get("samples_per_prompt", 1)),
         **counts,

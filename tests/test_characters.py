@@ -439,6 +439,19 @@ def test_build_catalogue_from_training_characters_and_cards(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_the_general_data_placeholder_is_not_served(tmp_path):
+    """A run with general instruction data has the placeholder card in its split's characters; the
+    catalogue built from it leaves that card out (nobody to chat with)."""
+    from troupe.contract import GENERAL_CHARACTER_ID, write_jsonl
+    from troupe.data.importers import general_card
+
+    chars = tmp_path / "characters.jsonl"
+    write_jsonl(chars, [*read_jsonl(SAMPLE_CHARACTERS, Character), general_card()])
+    cat = build_catalogue(chars, None, str(tmp_path / "cat" / "characters.jsonl"))
+    assert GENERAL_CHARACTER_ID not in cat.characters
+    assert set(cat.characters) == {c.id for c in read_jsonl(SAMPLE_CHARACTERS, Character)}
+
+
 # ------------------------------------------------------------------------------ S3
 @pytest.fixture
 def s3_env(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from troupe import storage
 from troupe.characters.cards import CardError, card_to_character, read_card, write_card
 from troupe.characters.lorebook import estimate_tokens, render_lore, select_lore
-from troupe.contract import Character, ContractError, describe_error, load_characters
+from troupe.contract import GENERAL_CHARACTER_ID, Character, ContractError, describe_error, load_characters
 
 #: Where ``troupe characters build`` writes the catalogue by default (a ``dvc.yaml`` stage output).
 DEFAULT_CATALOGUE = "work/catalogue/characters.jsonl"
@@ -423,7 +423,9 @@ def build_catalogue(
         CatalogueError: any problem, any card that cannot be read, or an id twice (every problem
             listed, one per line); nothing is written then.
     """
-    chars = list(load_characters(characters_file).values())
+    # the general-data pseudo-character (troupe.contract.GENERAL_CHARACTER_ID) trains with no card and
+    # is nobody to chat with: it stays out of the served catalogue
+    chars = [c for c in load_characters(characters_file).values() if c.id != GENERAL_CHARACTER_ID]
     problems: list[str] = []
     for c in chars:
         problems += map(str, validate_character(c, context_tokens=context_tokens, tokenizer=tokenizer))

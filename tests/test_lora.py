@@ -323,6 +323,8 @@ def test_register_logs_the_adapter_with_its_base_models_uri(
     assert client.get_run(d["run_id"]).data.tags[lora.ADAPTER_URI_TAG] == mv.tags[lora.ADAPTER_URI_TAG]
     logged = {f.path for f in client.list_artifacts(d["run_id"], "adapter")}
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= logged
+    in_model = {f.path for f in client.list_artifacts(d["run_id"], "model")}
+    assert "model/model.safetensors" in in_model and "model/adapter" not in in_model  # logged once
     # the registered adapter merges back into its base: `troupe model merge --adapter models:/...`
     got = lora.merge_adapter(f"models:/troupe-lora-test/{d['version']}", tmp_path / "merged")
     assert (got / "model.safetensors").is_file()

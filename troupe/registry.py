@@ -678,6 +678,23 @@ def _compact(metrics: dict[str, dict[str, Estimate]]) -> dict[str, Any]:
     }
 
 
+
+def _log_model_dir(model_dir: Path) -> None:
+    """Log a local model directory as the active run's ``model`` artefact, without its LoRA
+    ``adapter/`` (logged once, as the run's own ``adapter`` artefact, by
+    :func:`troupe.train.lora.log_adapter`)."""
+    import mlflow
+
+    from troupe.train.lora import ADAPTER_DIR
+
+    for p in sorted(model_dir.iterdir()):
+        if p.name == ADAPTER_DIR and p.is_dir():
+            continue
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=f"model/{p.name}")
+        else:
+            mlflow.log_artifact(str(p), artifact_path="model")
+
 def register(params: dict[str, Any], candidate: str | None = None) -> dict[str, Any]:
     """Register and gate the candidate model with its characters; returns the decision dict (also
     written to ``paths.registry``: ``decision.json`` and ``gate.md``).
@@ -804,7 +821,7 @@ def _record(
         if storage.is_remote(model_loc):
             source = model_loc.rstrip("/")  # MLflow registers the model from its URI; no copy
         else:
-            mlflow.log_artifacts(str(model_loc), artifact_path="model")
+            _log_model_dir(Path(model_loc))
             source = f"{run.info.artifact_uri}/model"
         from troupe.train.lora import log_adapter
 

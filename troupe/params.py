@@ -278,7 +278,7 @@ class Pairs(_Section):
     """Preference pair generation (``troupe train pairs``)."""
 
     samples_per_prompt: int = Field(
-        1,
+        4,
         ge=1,
         description="replies sampled per prompt and model; the one breaking the most rules is rejected",
     )

@@ -29,11 +29,15 @@ Figures (``effect.json``, ``effect.png``):
 * side effects: mean reply length (words / CJK characters), truncated share, ROUGE-L against the
   reference (the same scorer as ``troupe evaluate``), each with its paired difference.
 
-Usage (the SFT model and splits of a ``dvc repro`` run; settings as ``troupe --set``)::
+Usage (the SFT model and splits of a ``dvc repro`` run; settings as ``troupe --set``; the run of
+docs/benchmarks.md "DPO effect": 128 pairs built once, DPO on their first 48)::
 
-    python benchmarks/dpo_effect.py --out work/dpo_effect \\
-        --set pairs.max_pairs=128 --set pairs.samples_per_prompt=4 --set dpo.max_steps=32 \\
-        --set dpo.learning_rate=1e-5 --eval-samples 2
+    python benchmarks/dpo_effect.py --out work/dpo_effect --pairs-only \\
+        --set pairs.max_pairs=128 --set pairs.samples_per_prompt=4
+    python benchmarks/dpo_effect.py --out work/dpo_effect48 --pairs-from work/dpo_effect/pairs \\
+        --first-pairs 48 --set dpo.max_steps=12 --set dpo.per_device_batch_size=1 \\
+        --set dpo.gradient_accumulation_steps=4 --set dpo.learning_rate=3e-5 \\
+        --set train.num_workers=1 --set train.zero_stage=0 --eval-items 80 --eval-samples 2
     python benchmarks/dpo_effect.py --report work/dpo_effect/effect.json   # reprint a saved table
 """
 
@@ -64,6 +68,27 @@ def _fmt(e: dict[str, Any], pct: bool = True) -> str:
     if math.isnan(e["lo"]):
         return f"{f(e['value'])} (n {e['n']})"
     return f"{f(e['value'])} [{f(e['lo'])}, {f(e['hi'])}] (n {e['n']})"
+
+
+def subset_pairs(src: Path, dst: Path, first: int) -> dict[str, Any]:
+    """Copy the first ``first`` pairs of ``src/pairs.jsonl`` (the builder's seeded order) to
+    ``dst/pairs.jsonl`` with a recounted ``pairs_report.json`` (``subset_of`` names the source): a
+    shorter DPO run on the same pairs without sampling them again."""
+    from troupe.checks import violation_kind
+
+    rows = [json.loads(x) for x in (src / "pairs.jsonl").read_text().splitlines()][:first]
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    (dst / "quarantine.jsonl").write_text("")
+    rep = json.loads((src / "pairs_report.json").read_text())
+    rep["subset_of"] = {"file": str(src / "pairs.jsonl"), "first": first, "of": rep["pairs"]}
+    rep["pairs"] = rep["prompts"] = len(rows)
+    rep["rejected_source"] = dict(Counter(r["meta"]["rejected_source"] for r in rows))
+    rep["rejected_violations"] = dict(
+        Counter(violation_kind(v) for r in rows for v in r["meta"]["violations"]).most_common()
+    )
+    (dst / "pairs_report.json").write_text(json.dumps(rep, indent=2, ensure_ascii=False))
+    return rep
 
 
 def held_out_items(splits: Path, max_items: int, seed: int) -> list[tuple[str, Any, int]]:
@@ -276,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-items", type=int, default=0, help="held-out items (0 = every held-out turn)")
     ap.add_argument("--eval-samples", type=int, default=2, help="sampled replies per item and model")
     ap.add_argument("--report", help="reprint a saved effect.json and exit")
+    ap.add_argument("--pairs-only", action="store_true", help="build the pairs and stop")
+    ap.add_argument(
+        "--pairs-from", help="take the pairs of an earlier --out's pairs/ instead of building them"
+    )
+    ap.add_argument("--first-pairs", type=int, default=0, help="with --pairs-from: only its first N pairs")
     a = ap.parse_args(argv)
     if a.report:
         print_table(json.loads(Path(a.report).read_text()))
@@ -289,13 +319,18 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     params = load_params(a.params, [*a.set, f"paths.pairs={out / 'pairs'}", f"paths.dpo_model={out / 'dpo'}"])
     (out / "settings.json").write_text(
-        json.dumps({"set": a.set, "pairs": params["pairs"], "dpo": params["dpo"], "train": params["train"],
+        json.dumps({"set": a.set, "pairs_from": a.pairs_from, "first_pairs": a.first_pairs, "pairs": params["pairs"], "dpo": params["dpo"], "train": params["train"],
                     "eval_items": a.eval_items, "eval_samples": a.eval_samples, "paths": params["paths"]}, indent=2)
     )  # fmt: skip
     t0 = time.time()
+    if a.pairs_from and not (out / "pairs" / "pairs.jsonl").is_file():
+        src = Path(a.pairs_from)
+        subset_pairs(src, out / "pairs", a.first_pairs or len((src / "pairs.jsonl").read_text().splitlines()))
     if not (out / "pairs" / "pairs.jsonl").is_file():
         build_pairs(params)
     t_pairs = time.time() - t0
+    if a.pairs_only:
+        return
     if not (out / "dpo" / "train_log.json").is_file():
         train_dpo(params)
     t_dpo = time.time() - t0 - t_pairs

@@ -678,7 +678,6 @@ def _compact(metrics: dict[str, dict[str, Estimate]]) -> dict[str, Any]:
     }
 
 
-
 def _log_model_dir(model_dir: Path) -> None:
     """Log a local model directory as the active run's ``model`` artefact, without its LoRA
     ``adapter/`` (logged once, as the run's own ``adapter`` artefact, by
@@ -694,6 +693,7 @@ def _log_model_dir(model_dir: Path) -> None:
             mlflow.log_artifacts(str(p), artifact_path=f"model/{p.name}")
         else:
             mlflow.log_artifact(str(p), artifact_path="model")
+
 
 def register(params: dict[str, Any], candidate: str | None = None) -> dict[str, Any]:
     """Register and gate the candidate model with its characters; returns the decision dict (also
